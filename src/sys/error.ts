@@ -1,0 +1,69 @@
+// One error type for every failing system call: the call, errno and errno's name.
+import { read } from "bun:ffi";
+import { libc } from "./libc";
+
+// asm-generic/errno-base.h and asm-generic/errno.h (x86_64).
+export const Errno = {
+  EPERM: 1, ENOENT: 2, ESRCH: 3, EINTR: 4, EIO: 5, ENXIO: 6, E2BIG: 7, EBADF: 9,
+  EAGAIN: 11, ENOMEM: 12, EACCES: 13, EFAULT: 14, EBUSY: 16, EEXIST: 17, ENODEV: 19,
+  ENOTDIR: 20, EISDIR: 21, EINVAL: 22, ENFILE: 23, EMFILE: 24, ENOTTY: 25, EFBIG: 27,
+  ENOSPC: 28, ESPIPE: 29, EPIPE: 32, ERANGE: 34, ENOSYS: 38, ENOTSUP: 95,
+  EOVERFLOW: 75, EMSGSIZE: 90, EPROTO: 71, ECONNREFUSED: 111, ECONNRESET: 104,
+  EADDRINUSE: 98, ENOTCONN: 107, ENOTSOCK: 88, ETIMEDOUT: 110,
+} as const;
+export type ErrnoName = keyof typeof Errno;
+
+const names = new Map<number, string>(Object.entries(Errno).map(([k, v]) => [v, k]));
+
+export function errnoName(errno: number): string {
+  return names.get(errno) ?? `E#${errno}`;
+}
+
+/** Reads errno; must run right after the failing call, on the same thread. */
+export function lastErrno(): number {
+  return read.i32(libc.__errno_location()!, 0);
+}
+
+/** A failed system call: `call` says what was attempted, `errno` why it failed. */
+export class SysError extends Error {
+  readonly errno: number;
+  readonly code: string;
+  readonly call: string;
+  constructor(call: string, errno: number) {
+    const code = errnoName(errno);
+    super(`${call}: ${libc.strerror(errno)} (${code})`);
+    this.name = "SysError";
+    this.errno = errno;
+    this.code = code;
+    this.call = call;
+  }
+}
+
+// Test-only fault injection (issue 6): `injectFault("mmap", ENOMEM)` makes the
+// next matching call fail without reaching the kernel. One boolean check when unused.
+let faults: Map<string, { errno: number; remaining: number }> | null = null;
+
+export function injectFault(call: string, errno: number, times = 1): void {
+  faults ??= new Map();
+  faults.set(call, { errno, remaining: times });
+}
+
+export function clearFaults(): void {
+  faults = null;
+}
+
+/** Throws the injected fault for `call`, if one is armed. */
+export function checkFault(call: string): void {
+  if (faults === null) return;
+  const f = faults.get(call);
+  if (f === undefined) return;
+  if (--f.remaining <= 0) faults.delete(call);
+  if (faults.size === 0) faults = null;
+  throw new SysError(call, f.errno);
+}
+
+/** Throws SysError when a libc call returned -1. */
+export function check(call: string, rc: number): number {
+  if (rc === -1) throw new SysError(call, lastErrno());
+  return rc;
+}

@@ -1,0 +1,151 @@
+// Descriptors: open/close/read/write, memfd, eventfd, fstat, fcntl, rlimits.
+import { libc } from "./libc";
+import { readdirSync } from "node:fs";
+import { check, checkFault, lastErrno, SysError } from "./error";
+
+// asm-generic/fcntl.h, linux/memfd.h, sys/eventfd.h, asm-generic/resource.h
+export const O_RDONLY = 0;
+export const O_RDWR = 2;
+export const O_NONBLOCK = 0o4000;
+export const O_CLOEXEC = 0o2000000;
+export const O_DIRECTORY = 0o200000;
+export const MFD_CLOEXEC = 1;
+export const MFD_ALLOW_SEALING = 2;
+export const EFD_NONBLOCK = 0o4000;
+export const EFD_CLOEXEC = 0o2000000;
+export const F_GETFD = 1;
+export const F_GETFL = 3;
+export const F_SETFL = 4;
+export const F_ADD_SEALS = 1033;
+export const F_GET_SEALS = 1034;
+export const F_SEAL_SHRINK = 0x0002;
+export const RLIMIT_NOFILE = 7;
+
+// sys/stat.h: st_mode file types.
+export const S_IFMT = 0o170000;
+export const S_IFREG = 0o100000;
+export const S_IFDIR = 0o040000;
+export const S_IFCHR = 0o020000;
+export const S_IFIFO = 0o010000;
+export const S_IFSOCK = 0o140000;
+export const S_IFBLK = 0o060000;
+
+export function cstr(s: string): Buffer {
+  return Buffer.from(s + "\0");
+}
+
+export function open(path: string, flags: number, mode = 0): number {
+  checkFault("open");
+  return check(`open(${path})`, libc.open(cstr(path), flags | O_CLOEXEC, mode));
+}
+
+export function close(fd: number): void {
+  check("close", libc.close(fd));
+}
+
+export function dup(fd: number): number {
+  checkFault("dup");
+  return check("dup", libc.dup(fd));
+}
+
+export function read(fd: number, buf: Uint8Array): number {
+  return check("read", libc.read(fd, buf, buf.byteLength));
+}
+
+export function write(fd: number, buf: Uint8Array): number {
+  return check("write", libc.write(fd, buf, buf.byteLength));
+}
+
+export function pread(fd: number, buf: Uint8Array, offset: number): number {
+  return check("pread", libc.pread(fd, buf, buf.byteLength, offset));
+}
+
+export function memfdCreate(name: string, flags = MFD_CLOEXEC | MFD_ALLOW_SEALING): number {
+  checkFault("memfd_create");
+  return check("memfd_create", libc.memfd_create(cstr(name), flags));
+}
+
+export function ftruncate(fd: number, size: number): void {
+  checkFault("ftruncate");
+  check("ftruncate", libc.ftruncate(fd, size));
+}
+
+export function eventfd(initval = 0, flags = EFD_CLOEXEC | EFD_NONBLOCK): number {
+  checkFault("eventfd");
+  return check("eventfd", libc.eventfd(initval, flags));
+}
+
+export function fcntl(fd: number, cmd: number, arg = 0): number {
+  return check("fcntl", libc.fcntl(fd, cmd, arg));
+}
+
+/** The fields of struct stat (x86_64, asm/stat.h) that vmemd reads. */
+export interface Stat {
+  mode: number;
+  size: number;
+  blocks: number;
+}
+
+const statBuf = new BigInt64Array(18); // struct stat is 144 bytes on x86_64
+const statView = new DataView(statBuf.buffer);
+
+export function fstat(fd: number): Stat {
+  checkFault("fstat");
+  check("fstat", libc.fstat(fd, statBuf));
+  return {
+    mode: statView.getUint32(24, true),
+    size: Number(statView.getBigInt64(48, true)),
+    blocks: Number(statView.getBigInt64(64, true)),
+  };
+}
+
+/** eventfd counters are 8-byte reads; returns 0 when nothing is pending (EAGAIN). */
+const counterBuf = new BigUint64Array(1);
+export function readCounter(fd: number): bigint {
+  const n = libc.read(fd, counterBuf, 8);
+  if (n === 8) return counterBuf[0]!;
+  if (n === -1) {
+    const errno = lastErrno();
+    if (errno === 11 /* EAGAIN */) return 0n;
+    throw new SysError("read(eventfd)", errno);
+  }
+  return 0n;
+}
+
+export function writeCounter(fd: number, value: bigint): void {
+  counterBuf[0] = value;
+  check("write(eventfd)", libc.write(fd, counterBuf, 8));
+}
+
+export interface Rlimit {
+  cur: bigint;
+  max: bigint;
+}
+const rlimBuf = new BigUint64Array(2);
+export function getrlimit(resource: number): Rlimit {
+  check("getrlimit", libc.getrlimit(resource, rlimBuf));
+  return { cur: rlimBuf[0]!, max: rlimBuf[1]! };
+}
+export function setrlimit(resource: number, lim: Rlimit): void {
+  rlimBuf[0] = lim.cur;
+  rlimBuf[1] = lim.max;
+  check("setrlimit", libc.setrlimit(resource, rlimBuf));
+}
+
+export function pipe(): [number, number] {
+  const fds = new Int32Array(2);
+  check("pipe2", libc.pipe2(fds, O_CLOEXEC));
+  return [fds[0]!, fds[1]!];
+}
+
+export function getpid(): number {
+  return libc.getpid();
+}
+export function gettid(): number {
+  return libc.gettid();
+}
+
+/** Open descriptors of this process, by counting /proc/self/fd (tests and GetState). */
+export function countOpenFds(pid: number | "self" = "self"): number {
+  return readdirSync(`/proc/${pid}/fd`).length;
+}

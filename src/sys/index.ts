@@ -1,0 +1,7 @@
+// src/sys: the only layer that touches bun:ffi.
+export * from "./error";
+export * from "./fd";
+export * from "./mman";
+export * from "./ioctl";
+export * from "./socket";
+export * from "./epoll";

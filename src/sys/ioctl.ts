@@ -1,0 +1,114 @@
+// ioctl(2), and the KVM ABI: ioctl numbers, capabilities and struct layouts.
+// All numbers are from include/uapi/linux/kvm.h (KVMIO = 0xAE) for x86_64.
+import type { Pointer } from "bun:ffi";
+import { libc } from "./libc";
+import { check, checkFault } from "./error";
+
+/** ioctl with a struct argument (a typed array) or an integer argument. */
+export function ioctl(fd: number, request: number, arg: ArrayBufferView | number, name: string): number {
+  checkFault(name);
+  return check(name, libc.ioctl(fd, request, arg as unknown as Pointer));
+}
+
+// _IO(KVMIO, n)
+export const KVM_GET_API_VERSION = 0xae00;
+export const KVM_CREATE_VM = 0xae01;
+export const KVM_CHECK_EXTENSION = 0xae03;
+export const KVM_GET_VCPU_MMAP_SIZE = 0xae04;
+export const KVM_CREATE_VCPU = 0xae41;
+export const KVM_SET_TSS_ADDR = 0xae47;
+export const KVM_RUN = 0xae80;
+// _IOWR(KVMIO, 0x05, struct kvm_cpuid2)
+export const KVM_GET_SUPPORTED_CPUID = 0xc008ae05;
+// _IOW(KVMIO, 0x46, struct kvm_userspace_memory_region)
+export const KVM_SET_USER_MEMORY_REGION = 0x4020ae46;
+// _IOW(KVMIO, 0x79, struct kvm_ioeventfd)
+export const KVM_IOEVENTFD = 0x4040ae79;
+// _IOR/_IOW(KVMIO, 0x81..0x84, struct kvm_regs / kvm_sregs)
+export const KVM_GET_REGS = 0x8090ae81;
+export const KVM_SET_REGS = 0x4090ae82;
+export const KVM_GET_SREGS = 0x8138ae83;
+export const KVM_SET_SREGS = 0x4138ae84;
+// _IOW(KVMIO, 0x90, struct kvm_cpuid2)
+export const KVM_SET_CPUID2 = 0x4008ae90;
+
+export const KVM_API_VERSION = 12;
+
+// Capabilities (KVM_CAP_*).
+export const KVM_CAP_USER_MEMORY = 3;
+export const KVM_CAP_NR_MEMSLOTS = 10;
+export const KVM_CAP_IOEVENTFD = 36;
+export const KVM_CAP_READONLY_MEM = 81;
+
+// struct kvm_userspace_memory_region (32 bytes).
+export const KVM_MEM_READONLY = 1 << 1;
+export const MEMORY_REGION_SIZE = 32;
+export function encodeMemoryRegion(
+  buf: DataView,
+  slot: number,
+  flags: number,
+  guestPhysAddr: number,
+  memorySize: number,
+  userspaceAddr: number,
+): void {
+  buf.setUint32(0, slot, true);
+  buf.setUint32(4, flags, true);
+  buf.setBigUint64(8, BigInt(guestPhysAddr), true);
+  buf.setBigUint64(16, BigInt(memorySize), true);
+  buf.setBigUint64(24, BigInt(userspaceAddr), true);
+}
+
+// struct kvm_ioeventfd (64 bytes): datamatch@0, addr@8, len@16, fd@20, flags@24.
+export const KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0;
+export const KVM_IOEVENTFD_FLAG_PIO = 1 << 1;
+export const KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2;
+export const IOEVENTFD_SIZE = 64;
+export function encodeIoeventfd(
+  buf: DataView,
+  datamatch: bigint,
+  addr: number,
+  len: number,
+  fd: number,
+  flags: number,
+): void {
+  buf.setBigUint64(0, datamatch, true);
+  buf.setBigUint64(8, BigInt(addr), true);
+  buf.setUint32(16, len, true);
+  buf.setInt32(20, fd, true);
+  buf.setUint32(24, flags, true);
+  for (let i = 28; i < 64; i++) buf.setUint8(i, 0);
+}
+
+// struct kvm_cpuid2 { u32 nent; u32 padding; struct kvm_cpuid_entry2 entries[]; }
+// struct kvm_cpuid_entry2 (40 bytes): function, index, flags, eax, ebx, ecx, edx, padding[3].
+export const CPUID_ENTRY_SIZE = 40;
+export const CPUID_MAX_ENTRIES = 256;
+
+// struct kvm_run (include/uapi/linux/kvm.h): the fields vmemd reads.
+export const KVM_RUN_IMMEDIATE_EXIT = 1; // u8
+export const KVM_RUN_EXIT_REASON = 8; // u32
+export const KVM_RUN_IO_DIRECTION = 32; // u8: KVM_EXIT_IO_IN 0, OUT 1
+export const KVM_RUN_IO_SIZE = 33; // u8
+export const KVM_RUN_IO_PORT = 34; // u16
+export const KVM_RUN_IO_COUNT = 36; // u32
+export const KVM_RUN_IO_DATA_OFFSET = 40; // u64
+export const KVM_RUN_MMIO_PHYS_ADDR = 32; // u64
+export const KVM_RUN_MMIO_DATA = 40; // u8[8]
+export const KVM_RUN_MMIO_LEN = 48; // u32
+export const KVM_RUN_MMIO_IS_WRITE = 52; // u8
+export const KVM_RUN_INTERNAL_SUBERROR = 32; // u32
+export const KVM_RUN_FAIL_ENTRY_REASON = 32; // u64
+
+export const KVM_EXIT_IO = 2;
+export const KVM_EXIT_HLT = 5;
+export const KVM_EXIT_MMIO = 6;
+export const KVM_EXIT_SHUTDOWN = 8;
+export const KVM_EXIT_FAIL_ENTRY = 9;
+export const KVM_EXIT_INTR = 10;
+export const KVM_EXIT_INTERNAL_ERROR = 17;
+
+// struct kvm_regs (144 bytes): rax..r15 then rip@128, rflags@136.
+export const KVM_REGS_SIZE = 144;
+// struct kvm_sregs (312 bytes): cs,ds,es,fs,gs,ss,tr,ldt (kvm_segment, 24 B each) @0,
+// gdt@192, idt@208 (kvm_dtable 16 B: base u64, limit u16), cr0@224, cr2, cr3, cr4, cr8, efer@264.
+export const KVM_SREGS_SIZE = 312;

@@ -1,0 +1,49 @@
+// The one dlopen of libc. Every other file in src/sys calls through `libc`;
+// nothing outside src/sys imports bun:ffi (DESIGN.md, layers).
+import { dlopen, FFIType } from "bun:ffi";
+
+const { i32, u32, u64, i64_fast, u64_fast, ptr } = FFIType;
+
+export const libc = dlopen("libc.so.6", {
+  __errno_location: { args: [], returns: ptr },
+  open: { args: [ptr, i32, u32], returns: i32 },
+  close: { args: [i32], returns: i32 },
+  read: { args: [i32, ptr, u64], returns: i64_fast },
+  write: { args: [i32, ptr, u64], returns: i64_fast },
+  pread: { args: [i32, ptr, u64, u64], returns: i64_fast },
+  // Variadic in C; declaring the third argument as a pointer-sized value lets
+  // the same symbol take a struct pointer or a plain integer (BUN_NOTES.md).
+  ioctl: { args: [i32, u64, ptr], returns: i32 },
+  fcntl: { args: [i32, i32, u64], returns: i32 },
+  mmap: { args: [ptr, u64, i32, i32, i32, u64], returns: u64_fast },
+  munmap: { args: [ptr, u64], returns: i32 },
+  madvise: { args: [ptr, u64, i32], returns: i32 },
+  memfd_create: { args: [ptr, u32], returns: i32 },
+  ftruncate: { args: [i32, u64], returns: i32 },
+  fstat: { args: [i32, ptr], returns: i32 },
+  eventfd: { args: [u32, i32], returns: i32 },
+  dup: { args: [i32], returns: i32 },
+  getrlimit: { args: [i32, ptr], returns: i32 },
+  setrlimit: { args: [i32, ptr], returns: i32 },
+  socket: { args: [i32, i32, i32], returns: i32 },
+  socketpair: { args: [i32, i32, i32, ptr], returns: i32 },
+  bind: { args: [i32, ptr, u32], returns: i32 },
+  listen: { args: [i32, i32], returns: i32 },
+  accept4: { args: [i32, ptr, ptr, i32], returns: i32 },
+  connect: { args: [i32, ptr, u32], returns: i32 },
+  recvmsg: { args: [i32, ptr, i32], returns: i64_fast },
+  sendmsg: { args: [i32, ptr, i32], returns: i64_fast },
+  getsockopt: { args: [i32, i32, i32, ptr, ptr], returns: i32 },
+  shutdown: { args: [i32, i32], returns: i32 },
+  pipe2: { args: [ptr, i32], returns: i32 },
+  poll: { args: [ptr, u64, i32], returns: i32 },
+  epoll_create1: { args: [i32], returns: i32 },
+  epoll_ctl: { args: [i32, i32, i32, ptr], returns: i32 },
+  epoll_wait: { args: [i32, ptr, i32, i32], returns: i32 },
+  getpid: { args: [], returns: i32 },
+  gettid: { args: [], returns: i32 },
+  tgkill: { args: [i32, i32, i32], returns: i32 },
+  pthread_sigmask: { args: [i32, ptr, ptr], returns: i32 },
+  sigaction: { args: [i32, ptr, ptr], returns: i32 },
+  strerror: { args: [i32], returns: FFIType.cstring },
+}).symbols;

@@ -1,0 +1,54 @@
+// Mappings: mmap/munmap/madvise and views of mapped memory.
+import { toArrayBuffer } from "bun:ffi";
+import { libc } from "./libc";
+import { checkFault, lastErrno, SysError, check } from "./error";
+
+// asm-generic/mman-common.h, asm-generic/mman.h
+export const PROT_NONE = 0;
+export const PROT_READ = 1;
+export const PROT_WRITE = 2;
+export const MAP_SHARED = 0x01;
+export const MAP_PRIVATE = 0x02;
+export const MAP_FIXED = 0x10;
+export const MAP_ANONYMOUS = 0x20;
+export const MAP_NORESERVE = 0x4000;
+export const MADV_DONTNEED = 4;
+export const MADV_REMOVE = 9;
+
+export const PAGE_SIZE = 4096;
+
+/** A host virtual address, as returned by mmap. */
+export type HostAddress = number;
+
+const MAP_FAILED = 0xffff_ffff_ffff_ffffn;
+
+export function mmap(
+  addr: HostAddress,
+  length: number,
+  prot: number,
+  flags: number,
+  fd: number,
+  offset: number,
+): HostAddress {
+  checkFault("mmap");
+  const p = libc.mmap(addr, length, prot, flags, fd, offset);
+  if (typeof p === "bigint") {
+    if (p === MAP_FAILED) throw new SysError("mmap", lastErrno());
+    throw new SysError("mmap", 14 /* EFAULT: address beyond 2^53 */);
+  }
+  return p;
+}
+
+export function munmap(addr: HostAddress, length: number): void {
+  check("munmap", libc.munmap(addr, length));
+}
+
+export function madvise(addr: HostAddress, length: number, advice: number): void {
+  checkFault("madvise");
+  check("madvise", libc.madvise(addr, length, advice));
+}
+
+/** A byte view of mapped memory, without a copy. Valid only while the mapping lives. */
+export function memoryView(addr: HostAddress, length: number): Uint8Array {
+  return new Uint8Array(toArrayBuffer(addr, 0, length));
+}

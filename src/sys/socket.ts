@@ -1,0 +1,229 @@
+// AF_UNIX SOCK_SEQPACKET sockets with SCM_RIGHTS, and poll(2).
+import { ptr, type Pointer } from "bun:ffi";
+import { libc } from "./libc";
+import { check, checkFault, lastErrno, SysError } from "./error";
+import { close } from "./fd";
+
+// bits/socket.h, sys/socket.h, sys/poll.h
+export const AF_UNIX = 1;
+export const SOCK_SEQPACKET = 5;
+export const SOCK_NONBLOCK = 0o4000;
+export const SOCK_CLOEXEC = 0o2000000;
+export const SOL_SOCKET = 1;
+export const SO_PEERCRED = 17;
+export const SO_SNDBUF = 7;
+export const SO_RCVBUF = 8;
+export const SCM_RIGHTS = 1;
+export const MSG_CTRUNC = 0x08;
+export const MSG_TRUNC = 0x20;
+export const MSG_DONTWAIT = 0x40;
+export const MSG_NOSIGNAL = 0x4000;
+export const MSG_CMSG_CLOEXEC = 0x40000000;
+export const POLLIN = 0x001;
+export const POLLOUT = 0x004;
+export const POLLERR = 0x008;
+export const POLLHUP = 0x010;
+export const SHUT_RDWR = 2;
+
+/** The kernel's SCM_MAX_FD: descriptors one packet can carry. */
+export const SCM_MAX_FD = 253;
+const EAGAIN = 11;
+const EINTR = 4;
+
+function sockaddrUn(path: string): Buffer {
+  const bytes = Buffer.from(path);
+  // struct sockaddr_un: sa_family_t (u16) + char sun_path[108]
+  if (bytes.length >= 108) throw new SysError(`socket path too long (${path})`, 36 /* ENAMETOOLONG */);
+  const sa = Buffer.alloc(110);
+  sa.writeUInt16LE(AF_UNIX, 0);
+  bytes.copy(sa, 2);
+  return sa;
+}
+
+function seqpacket(nonblocking: boolean): number {
+  checkFault("socket");
+  return check("socket", libc.socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | (nonblocking ? SOCK_NONBLOCK : 0), 0));
+}
+
+/** A non-blocking listening SEQPACKET socket bound at `path`. */
+export function listenSeqpacket(path: string, backlog = 128): number {
+  const fd = seqpacket(true);
+  try {
+    const sa = sockaddrUn(path);
+    check(`bind(${path})`, libc.bind(fd, sa, 2 + Buffer.byteLength(path) + 1));
+    check("listen", libc.listen(fd, backlog));
+    return fd;
+  } catch (e) {
+    close(fd);
+    throw e;
+  }
+}
+
+export function connectSeqpacket(path: string, nonblocking = false): number {
+  const fd = seqpacket(nonblocking);
+  try {
+    const sa = sockaddrUn(path);
+    check(`connect(${path})`, libc.connect(fd, sa, 2 + Buffer.byteLength(path) + 1));
+    return fd;
+  } catch (e) {
+    close(fd);
+    throw e;
+  }
+}
+
+export function socketpairSeqpacket(): [number, number] {
+  const fds = new Int32Array(2);
+  check("socketpair", libc.socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, fds));
+  return [fds[0]!, fds[1]!];
+}
+
+/** accept4 on a non-blocking listener: the new descriptor, or -1 when none is pending. */
+export function accept(listener: number): number {
+  checkFault("accept4");
+  const fd = libc.accept4(listener, null, null, SOCK_NONBLOCK | SOCK_CLOEXEC);
+  if (fd === -1) {
+    const errno = lastErrno();
+    if (errno === EAGAIN || errno === EINTR) return -1;
+    throw new SysError("accept4", errno);
+  }
+  return fd;
+}
+
+export interface PeerCred {
+  pid: number;
+  uid: number;
+  gid: number;
+}
+export function peerCred(fd: number): PeerCred {
+  const cred = new Int32Array(3); // struct ucred
+  const len = new Uint32Array([12]);
+  check("getsockopt(SO_PEERCRED)", libc.getsockopt(fd, SOL_SOCKET, SO_PEERCRED, cred, len));
+  return { pid: cred[0]!, uid: cred[1]!, gid: cred[2]! };
+}
+
+export function shutdown(fd: number): void {
+  libc.shutdown(fd, SHUT_RDWR);
+}
+
+// struct msghdr (56 B): name@0, namelen@8, iov@16, iovlen@24, control@32, controllen@40, flags@48.
+// struct cmsghdr: len u64@0, level i32@8, type i32@12, data@16; each padded to 8.
+const CMSG_HDR = 16;
+const CONTROL_SIZE = CMSG_HDR + ((SCM_MAX_FD * 4 + 7) & ~7);
+
+/**
+ * Reusable buffers for one socket endpoint's recvmsg/sendmsg. The pointers stored
+ * inside msghdr/iovec stay valid because the buffers live as long as this object.
+ */
+export class PacketIo {
+  /** Received body bytes; valid until the next recv. */
+  readonly body: Uint8Array;
+  /** Descriptors received with the last packet, in SCM_RIGHTS order. */
+  fds: number[] = [];
+  /** msg_flags of the last recv (MSG_TRUNC, MSG_CTRUNC). */
+  flags = 0;
+
+  private readonly recvIov = new BigUint64Array(2);
+  private readonly recvHdr = new DataView(new ArrayBuffer(56));
+  private readonly recvControl = new Uint8Array(CONTROL_SIZE);
+  private readonly recvControlView = new DataView(this.recvControl.buffer);
+  private readonly sendIov = new BigUint64Array(2);
+  private readonly sendHdr = new DataView(new ArrayBuffer(56));
+  private readonly sendControl = new Uint8Array(CONTROL_SIZE);
+  private readonly sendControlView = new DataView(this.sendControl.buffer);
+  private readonly recvHdrPtr: Pointer;
+  private readonly sendHdrPtr: Pointer;
+  private readonly sendControlPtr: Pointer;
+
+  constructor(maxBody: number) {
+    // One spare byte so an oversized packet shows as MSG_TRUNC rather than fitting exactly.
+    this.body = new Uint8Array(maxBody + 1);
+    this.recvIov[0] = BigInt(ptr(this.body));
+    this.recvIov[1] = BigInt(this.body.byteLength);
+    this.recvHdr.setBigUint64(16, BigInt(ptr(this.recvIov)), true);
+    this.recvHdr.setBigUint64(24, 1n, true);
+    this.recvHdr.setBigUint64(32, BigInt(ptr(this.recvControl)), true);
+    this.recvHdrPtr = ptr(this.recvHdr);
+    this.sendHdr.setBigUint64(16, BigInt(ptr(this.sendIov)), true);
+    this.sendHdr.setBigUint64(24, 1n, true);
+    this.sendHdrPtr = ptr(this.sendHdr);
+    this.sendControlPtr = ptr(this.sendControl);
+  }
+
+  /**
+   * One packet: its length, 0 at end of stream, -1 when nothing is pending.
+   * Received descriptors land in `fds` (close-on-exec) and belong to the caller,
+   * even when the packet is reported truncated.
+   */
+  recv(fd: number): number {
+    this.recvHdr.setBigUint64(40, BigInt(CONTROL_SIZE), true);
+    this.recvHdr.setInt32(48, 0, true);
+    const n = libc.recvmsg(fd, this.recvHdrPtr, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+    if (n === -1) {
+      this.fds = [];
+      const errno = lastErrno();
+      if (errno === EAGAIN || errno === EINTR) return -1;
+      throw new SysError("recvmsg", errno);
+    }
+    this.flags = this.recvHdr.getInt32(48, true);
+    this.fds = this.parseRights(Number(this.recvHdr.getBigUint64(40, true)));
+    return n;
+  }
+
+  private parseRights(controlLen: number): number[] {
+    if (controlLen === 0) return [];
+    const fds: number[] = [];
+    const v = this.recvControlView;
+    let off = 0;
+    while (off + CMSG_HDR <= controlLen) {
+      const len = Number(v.getBigUint64(off, true));
+      if (len < CMSG_HDR) break;
+      if (v.getInt32(off + 8, true) === SOL_SOCKET && v.getInt32(off + 12, true) === SCM_RIGHTS) {
+        for (let p = off + CMSG_HDR; p + 4 <= off + len; p += 4) fds.push(v.getInt32(p, true));
+      }
+      off += (len + 7) & ~7;
+    }
+    return fds;
+  }
+
+  /** Sends one packet: true when sent, false when the socket would block. */
+  send(fd: number, body: Uint8Array, fds: readonly number[] = []): boolean {
+    this.sendIov[0] = BigInt(ptr(body));
+    this.sendIov[1] = BigInt(body.byteLength);
+    if (fds.length > 0) {
+      const len = CMSG_HDR + fds.length * 4;
+      const v = this.sendControlView;
+      v.setBigUint64(0, BigInt(len), true);
+      v.setInt32(8, SOL_SOCKET, true);
+      v.setInt32(12, SCM_RIGHTS, true);
+      for (let i = 0; i < fds.length; i++) v.setInt32(CMSG_HDR + i * 4, fds[i]!, true);
+      this.sendHdr.setBigUint64(32, BigInt(this.sendControlPtr), true);
+      this.sendHdr.setBigUint64(40, BigInt((len + 7) & ~7), true);
+    } else {
+      this.sendHdr.setBigUint64(32, 0n, true);
+      this.sendHdr.setBigUint64(40, 0n, true);
+    }
+    const n = libc.sendmsg(fd, this.sendHdrPtr, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (n === -1) {
+      const errno = lastErrno();
+      if (errno === EAGAIN) return false;
+      throw new SysError("sendmsg", errno);
+    }
+    return true;
+  }
+}
+
+/** poll(2) on one descriptor; returns revents (0 on timeout). */
+export function pollOne(fd: number, events: number, timeoutMs: number): number {
+  const pfd = new Int32Array(2); // struct pollfd { int fd; short events, revents; }
+  pfd[0] = fd;
+  pfd[1] = events & 0xffff;
+  for (;;) {
+    const rc = libc.poll(pfd, 1, timeoutMs);
+    if (rc === -1) {
+      const errno = lastErrno();
+      if (errno === EINTR) continue;
+      throw new SysError("poll", errno);
+    }
+    return rc === 0 ? 0 : (pfd[1]! >>> 16) & 0xffff;
+  }
+}
