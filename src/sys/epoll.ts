@@ -33,7 +33,7 @@ export class Epoll {
     this.one.setUint32(0, events, true);
     this.one.setUint32(4, fd, true);
     this.one.setUint32(8, 0, true);
-    check(name, libc.epoll_ctl(this.fd, op, fd, this.one));
+    check(name, libc.epoll_ctl(this.fd, op, fd, this.one as unknown as Uint8Array));
   }
   add(fd: number, events: number): void {
     this.ctl(EPOLL_CTL_ADD, fd, events, "epoll_ctl(ADD)");

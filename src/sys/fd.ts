@@ -49,15 +49,15 @@ export function dup(fd: number): number {
 }
 
 export function read(fd: number, buf: Uint8Array): number {
-  return check("read", libc.read(fd, buf, buf.byteLength));
+  return check("read", libc.read(fd, buf, buf.byteLength) as number);
 }
 
 export function write(fd: number, buf: Uint8Array): number {
-  return check("write", libc.write(fd, buf, buf.byteLength));
+  return check("write", libc.write(fd, buf, buf.byteLength) as number);
 }
 
 export function pread(fd: number, buf: Uint8Array, offset: number): number {
-  return check("pread", libc.pread(fd, buf, buf.byteLength, offset));
+  return check("pread", libc.pread(fd, buf, buf.byteLength, offset) as number);
 }
 
 export function memfdCreate(name: string, flags = MFD_CLOEXEC | MFD_ALLOW_SEALING): number {
@@ -114,7 +114,7 @@ export function readCounter(fd: number): bigint {
 
 export function writeCounter(fd: number, value: bigint): void {
   counterBuf[0] = value;
-  check("write(eventfd)", libc.write(fd, counterBuf, 8));
+  check("write(eventfd)", libc.write(fd, counterBuf, 8) as number);
 }
 
 export interface Rlimit {

@@ -157,7 +157,7 @@ export class PacketIo {
   recv(fd: number): number {
     this.recvHdr.setBigUint64(40, BigInt(CONTROL_SIZE), true);
     this.recvHdr.setInt32(48, 0, true);
-    const n = libc.recvmsg(fd, this.recvHdrPtr, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+    const n = libc.recvmsg(fd, this.recvHdrPtr, MSG_CMSG_CLOEXEC | MSG_DONTWAIT) as number;
     if (n === -1) {
       this.fds = [];
       const errno = lastErrno();
@@ -202,7 +202,7 @@ export class PacketIo {
       this.sendHdr.setBigUint64(32, 0n, true);
       this.sendHdr.setBigUint64(40, 0n, true);
     }
-    const n = libc.sendmsg(fd, this.sendHdrPtr, MSG_DONTWAIT | MSG_NOSIGNAL);
+    const n = libc.sendmsg(fd, this.sendHdrPtr, MSG_DONTWAIT | MSG_NOSIGNAL) as number;
     if (n === -1) {
       const errno = lastErrno();
       if (errno === EAGAIN) return false;

@@ -15,6 +15,7 @@ for name in guest triple spin_mmio; do
   "$CC" -c -nostdlib -ffreestanding -o "$tmp/$name.o" "$name.S"
   "$LD" -nostdlib -static -n --build-id=none -T guest.ld -o "$tmp/$name.elf" "$tmp/$name.o"
   "$OBJCOPY" -O binary "$tmp/$name.elf" "$name.bin"
+  chmod 644 "$name.bin"
   size=$(wc -c < "$name.bin")
   if [ "$size" -gt 1048576 ]; then echo "$name.bin too big: $size" >&2; exit 1; fi
   echo "$name.bin: $size bytes"

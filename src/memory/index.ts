@@ -1,0 +1,6 @@
+export * from "./error";
+export * from "./request";
+export * from "./interval_map";
+export * from "./allocator";
+export * from "./region_state";
+export * from "./executor";

@@ -1,0 +1,40 @@
+// RegionState: what the memory plane has registered, as crosvm's VmMemoryRegionState.
+// Look-ups by id are a Map; overlap checks go through IntervalMaps (O(log n)).
+import type { GuestAddress, MemSlot } from "../kvm";
+import { IntervalMap } from "./interval_map";
+import type { Alloc, U64 } from "./request";
+
+/** A registered region's id is its first guest physical byte (crosvm's VmMemoryRegionId). */
+export type RegionId = GuestAddress;
+
+export interface PreparedArena {
+  alloc: Alloc;
+  start: GuestAddress;
+  size: number;
+  slot: MemSlot;
+  /** Fixed mappings inside the arena, by guest address. */
+  fixed: IntervalMap<Region>;
+}
+
+export interface Region {
+  id: RegionId;
+  size: number;
+  slot: MemSlot;
+  readOnly: boolean;
+  /** The arena a fixed mapping lives in; null for a dynamic region (a slot of its own). */
+  arena: PreparedArena | null;
+}
+
+export class RegionState {
+  readonly regions = new Map<RegionId, Region>();
+  /** Top-level guest ranges that own a slot: dynamic regions and prepared arenas. */
+  readonly top = new IntervalMap<Region | PreparedArena>();
+  /** Prepared arenas by allocKey(alloc). */
+  readonly arenas = new Map<string, PreparedArena>();
+  freedBytes = 0;
+  balloonTarget: U64 | null = null;
+}
+
+export function isArena(x: Region | PreparedArena): x is PreparedArena {
+  return "fixed" in x;
+}
