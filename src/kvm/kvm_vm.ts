@@ -210,6 +210,11 @@ export class KvmVm implements Vm {
     sys.madvise(host, size, sys.MADV_REMOVE);
   }
 
+  /** The mapping that backs `slot` (tests read guest-visible bytes through it). */
+  mappingOf(slot: MemSlot): MemoryMapping | undefined {
+    return this.bySlot.get(slot)?.mapping ?? undefined;
+  }
+
   *regions(): IterableIterator<VmMemoryRegionInfo> {
     for (const [slot, r] of this.bySlot) {
       if (r.mapping !== null) yield { slot, guest: r.guest, size: r.size, readOnly: r.readOnly, arena: r.arena };

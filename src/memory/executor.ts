@@ -108,7 +108,8 @@ function num(v: U64, what: string): number {
     if (v < 0n) throw failure("EINVAL", `${what} ${v} is negative`);
     return Number(v);
   }
-  if (!Number.isSafeInteger(v) || v < 0) throw failure("EINVAL", `${what} ${v} is not a non-negative integer`);
+  if (!Number.isInteger(v) || v < 0) throw failure("EINVAL", `${what} ${v} is not a non-negative integer`);
+  if (v > Number.MAX_SAFE_INTEGER) throw failure("EOVERFLOW", `${what} ${v} is beyond 2^53`);
   return v;
 }
 

@@ -60,6 +60,14 @@ export function pread(fd: number, buf: Uint8Array, offset: number): number {
   return check("pread", libc.pread(fd, buf, buf.byteLength, offset) as number);
 }
 
+export function pwriteAll(fd: number, buf: Uint8Array, offset: number): void {
+  let done = 0;
+  while (done < buf.byteLength) {
+    const n = check("pwrite", libc.pwrite(fd, buf.subarray(done), buf.byteLength - done, offset + done) as number);
+    done += n;
+  }
+}
+
 export function memfdCreate(name: string, flags = MFD_CLOEXEC | MFD_ALLOW_SEALING): number {
   checkFault("memfd_create");
   return check("memfd_create", libc.memfd_create(cstr(name), flags));

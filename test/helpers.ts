@@ -1,0 +1,45 @@
+// Shared test fixtures: real descriptors, real /dev/kvm, and the counters the
+// ownership tests compare (open descriptors, mappings).
+import { readFileSync } from "node:fs";
+import * as sys from "../src/sys";
+import { KvmVm, MiB } from "../src/kvm";
+import { RegionState, SystemAllocator, type ExecContext } from "../src/memory";
+
+/** Fails loudly (never skips) when this machine has no usable /dev/kvm. */
+export function requireKvm(): void {
+  try {
+    sys.close(sys.open("/dev/kvm", sys.O_RDWR));
+  } catch (e) {
+    throw new Error(`KVM TESTS CANNOT RUN: /dev/kvm is not usable here (${e}). These tests need real KVM.`);
+  }
+}
+
+export function newContext(memory = 64 * MiB, maxSlots?: number): ExecContext & { vm: KvmVm } {
+  requireKvm();
+  const vm = KvmVm.create({ memory, maxSlots });
+  return { vm, allocator: new SystemAllocator(memory, vm.physAddrLimit), state: new RegionState() };
+}
+
+/** A memfd of `size` bytes; `fill(i)` gives byte i's value when set. */
+export function memfd(size: number, fill?: (i: number) => number, name = "test"): number {
+  const fd = sys.memfdCreate(name);
+  sys.ftruncate(fd, size);
+  if (fill) {
+    const buf = new Uint8Array(size);
+    for (let i = 0; i < size; i++) buf[i] = fill(i);
+    sys.pwriteAll(fd, buf, 0);
+  }
+  return fd;
+}
+
+export function fdCount(pid: number | "self" = "self"): number {
+  return sys.countOpenFds(pid);
+}
+
+export function mapsCount(pid: number | "self" = "self"): number {
+  return readFileSync(`/proc/${pid}/maps`, "utf8").split("\n").length - 1;
+}
+
+export function closeAll(fds: number[]): void {
+  for (const fd of fds) sys.close(fd);
+}
