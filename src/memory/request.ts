@@ -36,7 +36,7 @@ export type VmMemorySource =
     }
   | { ExternalMapping: { ptr: U64; size: U64 } };
 export type VmMemoryDestination = { ExistingAllocation: { allocation: Alloc; offset: U64 } } | { GuestPhysicalAddress: U64 };
-export type Datamatch = "AnyLength" | { U8: U64 | null } | { U16: U64 | null } | { U32: U64 | null } | { U64: U64 | null };
+export type Datamatch = "AnyLength" | { U8: number | null } | { U16: number | null } | { U32: number | null } | { U64: U64 | null };
 export interface IoEventUpdateRequest {
   event: Fd;
   addr: U64;
@@ -110,20 +110,34 @@ export function requestKind(req: VmMemoryRequest): string {
   return typeof req === "string" ? req : Object.keys(req)[0]!;
 }
 
-/** Every descriptor a request holds, so its owner can close them on every path. */
-export function requestDescriptors(req: VmMemoryRequest): Fd[] {
+/** A place in a request that holds a descriptor: `holder[key]`. */
+export interface DescriptorSlot {
+  holder: Record<string, unknown>;
+  key: string;
+}
+
+/**
+ * Every descriptor field of a request, in a fixed order. The protocol layer uses it to
+ * resolve SCM_RIGHTS indices; owners use it to close every descriptor on every path.
+ */
+export function descriptorSlots(req: VmMemoryRequest): DescriptorSlot[] {
   if (typeof req === "string") return [];
+  const at = (holder: object, key: string): DescriptorSlot => ({ holder: holder as Record<string, unknown>, key });
   if ("RegisterMemory" in req) {
     const s = req.RegisterMemory.source;
-    if ("SharedMemory" in s) return [s.SharedMemory.descriptor];
-    if ("Descriptor" in s) return [s.Descriptor.descriptor];
-    if ("Vulkan" in s) return [s.Vulkan.descriptor];
+    if ("SharedMemory" in s) return [at(s.SharedMemory, "descriptor")];
+    if ("Descriptor" in s) return [at(s.Descriptor, "descriptor")];
+    if ("Vulkan" in s) return [at(s.Vulkan, "descriptor")];
     return [];
   }
   if ("MmapAndRegisterMemory" in req) {
     const m = req.MmapAndRegisterMemory;
-    return [m.shm.descriptor, ...(m.file_mappings ?? []).map((f) => f.file)];
+    return [at(m.shm, "descriptor"), ...(m.file_mappings ?? []).map((f) => at(f, "file"))];
   }
-  if ("IoEventRaw" in req) return [req.IoEventRaw.event];
+  if ("IoEventRaw" in req) return [at(req.IoEventRaw, "event")];
   return [];
+}
+
+export function requestDescriptors(req: VmMemoryRequest): Fd[] {
+  return descriptorSlots(req).map((s) => s.holder[s.key] as Fd);
 }

@@ -23,6 +23,7 @@ export const POLLIN = 0x001;
 export const POLLOUT = 0x004;
 export const POLLERR = 0x008;
 export const POLLHUP = 0x010;
+export const POLLRDHUP = 0x2000;
 export const SHUT_RDWR = 2;
 
 /** The kernel's SCM_MAX_FD: descriptors one packet can carry. */
@@ -187,7 +188,7 @@ export class PacketIo {
 
   /** Sends one packet: true when sent, false when the socket would block. */
   send(fd: number, body: Uint8Array, fds: readonly number[] = []): boolean {
-    this.sendIov[0] = BigInt(ptr(body));
+    this.sendIov[0] = body.byteLength === 0 ? 0n : BigInt(ptr(body));
     this.sendIov[1] = BigInt(body.byteLength);
     if (fds.length > 0) {
       const len = CMSG_HDR + fds.length * 4;

@@ -1,0 +1,114 @@
+// `vmemd serve`: create the VM, listen, serve until SIGTERM/SIGINT.
+import * as sys from "../sys";
+import { KvmVm } from "../kvm";
+import { RegionState, SystemAllocator, describeAlloc, type ExecContext } from "../memory";
+import { DEFAULT_SERVER_OPTIONS, Logger, Server, type LogFormat, type LogLevel } from "../server";
+import { flag, parseFlags, parseNumber, parsePciBarSize, parseSize, UsageError } from "./args";
+import { attachGuest, type GuestHandle } from "./guest";
+
+export const SERVE_HELP = `usage: vmemd serve --socket PATH [options]
+
+Creates a KVM virtual machine and serves its memory plane on PATH.
+
+  --socket PATH             Unix socket to listen on (SOCK_SEQPACKET); a stale file is replaced
+  --memory SIZE             guest RAM (default 256M); K/M/G suffixes
+  --pci-bar BB:DD.F/BAR=SIZE
+                            allocate a PCI BAR at start (repeatable), e.g. 00:05.0/2=16M
+  --socket-mode MODE        socket file mode, octal (default 0600)
+  --allow-uid UID           accept only these users (repeatable; default: anyone who can open the socket)
+  --max-connections N       concurrent clients (default ${DEFAULT_SERVER_OPTIONS.maxConnections})
+  --max-file-mappings N     cap on MmapAndRegisterMemory's num_file_mappings (default ${DEFAULT_SERVER_OPTIONS.maxFileMappings})
+  --guest FILE              run FILE as the guest (docs/boot.md)
+  --serial PATH             write the guest's serial output to PATH (default: stdout)
+  --log-level LEVEL         debug, info, warn, error (default info)
+  --log-format FORMAT       text or json (default text)
+`;
+
+const SPEC = {
+  socket: { value: true },
+  memory: { value: true },
+  "pci-bar": { value: true, repeat: true },
+  "socket-mode": { value: true },
+  "allow-uid": { value: true, repeat: true },
+  "max-connections": { value: true },
+  "max-file-mappings": { value: true },
+  guest: { value: true },
+  serial: { value: true },
+  "log-level": { value: true },
+  "log-format": { value: true },
+  help: { value: false },
+};
+
+export async function serve(argv: string[]): Promise<number> {
+  const p = parseFlags(argv, SPEC, "vmemd serve");
+  if (p.flags.has("help")) {
+    process.stdout.write(SERVE_HELP);
+    return 0;
+  }
+  if (p.positional.length > 0) throw new UsageError(`vmemd serve: unexpected argument "${p.positional[0]}"`);
+  const socketPath = flag(p, "socket");
+  if (socketPath === undefined) throw new UsageError("vmemd serve: --socket PATH is required");
+  const memory = parseSize(flag(p, "memory") ?? "256M", "--memory");
+  if (memory < 1 << 20 || memory % 4096 !== 0) throw new UsageError(`--memory: ${memory} must be a multiple of 4K and at least 1M`);
+  const modeText = flag(p, "socket-mode") ?? "0600";
+  if (!/^0?[0-7]{3}$/.test(modeText)) throw new UsageError(`--socket-mode: "${modeText}" is not an octal mode like 0600`);
+  const level = (flag(p, "log-level") ?? "info") as LogLevel;
+  if (!["debug", "info", "warn", "error"].includes(level)) throw new UsageError(`--log-level: "${level}" is not debug, info, warn or error`);
+  const format = (flag(p, "log-format") ?? "text") as LogFormat;
+  if (!["text", "json"].includes(format)) throw new UsageError(`--log-format: "${format}" is not text or json`);
+  const bars = (p.flags.get("pci-bar") ?? []).map((t) => parsePciBarSize(t, "--pci-bar"));
+  const allowUids = (p.flags.get("allow-uid") ?? []).map((t) => {
+    if (!/^\d+$/.test(t)) throw new UsageError(`--allow-uid: "${t}" is not a numeric uid`);
+    return Number(t);
+  });
+  const count = (name: string, dflt: number) => {
+    const t = flag(p, name);
+    if (t === undefined) return dflt;
+    const n = parseNumber(t, `--${name}`);
+    if (n < 1) throw new UsageError(`--${name}: must be at least 1`);
+    return n;
+  };
+  const log = new Logger(level, format);
+
+  // crosvm raises RLIMIT_NOFILE for MmapAndRegisterMemory; vmemd does it once, at start.
+  const nofile = sys.getrlimit(sys.RLIMIT_NOFILE);
+  if (nofile.cur < nofile.max) sys.setrlimit(sys.RLIMIT_NOFILE, { cur: nofile.max, max: nofile.max });
+
+  const vm = KvmVm.create({ memory });
+  let guest: GuestHandle | undefined;
+  try {
+    const allocator = new SystemAllocator(memory, vm.physAddrLimit);
+    for (const b of bars) {
+      const a = allocator.allocate(b.alloc, b.size);
+      log.info("allocated PCI BAR", { bar: describeAlloc(b.alloc), start: "0x" + a.start.toString(16), size: a.size });
+    }
+    const ctx: ExecContext = { vm, allocator, state: new RegionState(), vcpu: () => guest?.summary() ?? null };
+    const server = new Server(ctx, {
+      socketPath,
+      socketMode: parseInt(modeText, 8),
+      maxConnections: count("max-connections", DEFAULT_SERVER_OPTIONS.maxConnections),
+      maxFileMappings: count("max-file-mappings", DEFAULT_SERVER_OPTIONS.maxFileMappings),
+      allowUids,
+      log,
+    });
+    server.listen();
+    const onSignal = (sig: string) => () => server.stop(sig, 0);
+    process.on("SIGTERM", onSignal("SIGTERM"));
+    process.on("SIGINT", onSignal("SIGINT"));
+    const guestPath = flag(p, "guest");
+    if (guestPath !== undefined) guest = attachGuest(vm, server, { guestPath, serialPath: flag(p, "serial"), log });
+    log.info("vmemd ready", {
+      socket: socketPath,
+      memory,
+      phys_bits: vm.physAddrBits,
+      slots_max: vm.slotsMax,
+      nofile: String(sys.getrlimit(sys.RLIMIT_NOFILE).cur),
+      pid: process.pid,
+    });
+    const code = await server.run();
+    await guest?.stop();
+    return code;
+  } finally {
+    vm.close();
+  }
+}

@@ -1,0 +1,127 @@
+// MessagePack codec and descriptor indices (PROTOCOL.md, "Transport", "Value shapes").
+import { Decoder, Encoder } from "@msgpack/msgpack";
+import type { z } from "zod";
+import { failure, VmMemoryError } from "../memory/error";
+import { descriptorSlots, type VmMemoryFileMapping, type VmMemoryRequest, type VmMemoryResponse } from "../memory/request";
+import { fileMappingChunk, requestPayloads, response as responseSchema, unitRequests } from "./schema";
+
+/** The largest packet body either side sends or accepts. */
+export const MAX_PACKET = 65536;
+
+// One reused Encoder/Decoder each (BUN_NOTES.md: ~0.9 µs encode+decode when reused).
+// useBigInt64: uint 64 / int 64 decode as BigInt and BigInts encode as uint 64 / int 64.
+const encoder = new Encoder({ useBigInt64: true, initialBufferSize: 4096 });
+const decoder = new Decoder({ useBigInt64: true, maxStrLength: MAX_PACKET, maxBinLength: MAX_PACKET });
+
+/**
+ * Rewrites integers of 2^32 and above as BigInt, in place, so they go out as uint 64
+ * rather than float 64 (the encoder's choice for large JS numbers).
+ */
+function widen(v: unknown): unknown {
+  if (typeof v === "number") return v >= 2 ** 32 && Number.isInteger(v) ? BigInt(v) : v;
+  if (typeof v !== "object" || v === null || v instanceof Uint8Array) return v;
+  if (Array.isArray(v)) {
+    for (let i = 0; i < v.length; i++) v[i] = widen(v[i]);
+    return v;
+  }
+  const o = v as Record<string, unknown>;
+  for (const k in o) o[k] = widen(o[k]);
+  return o;
+}
+
+const OK_BYTES = encoder.encode("Ok").slice();
+
+/** Encodes a value; the bytes are valid until the next encode (copy to keep them). */
+export function encodeValue(value: unknown): Uint8Array {
+  if (value === "Ok") return OK_BYTES;
+  return encoder.encode(widen(value));
+}
+
+export function decodeValue(body: Uint8Array): unknown {
+  try {
+    return decoder.decode(body);
+  } catch (e) {
+    throw new VmMemoryError(22, `not a single MessagePack value: ${(e as Error).message}`).context("malformed packet");
+  }
+}
+
+function schemaError(what: string, err: z.ZodError, prefix?: string): VmMemoryError {
+  const issue = err.issues[0]!;
+  const parts = [...(prefix === undefined ? [] : [prefix]), ...issue.path.map(String)];
+  const path = parts.length > 0 ? parts.join(".") : "(top level)";
+  return new VmMemoryError(22, `${path}: ${issue.message}`).context(`malformed ${what}`);
+}
+
+function isPlainMap(v: unknown): v is Record<string, unknown> {
+  return typeof v === "object" && v !== null && !Array.isArray(v) && !(v instanceof Uint8Array);
+}
+
+/** A decoded value as a typed request, with descriptor indices still in the descriptor fields. */
+export function parseRequest(value: unknown): VmMemoryRequest {
+  if (typeof value === "string") {
+    if ((unitRequests as readonly string[]).includes(value)) return value as VmMemoryRequest;
+    throw failure("EINVAL", `unknown request variant "${value}"`).context("malformed request");
+  }
+  if (!isPlainMap(value)) throw failure("EINVAL", "a request must be a string or a map with one key").context("malformed request");
+  const keys = Object.keys(value);
+  if (keys.length !== 1) {
+    throw failure("EINVAL", `a request map must have exactly one key (the variant), not ${keys.length}`).context("malformed request");
+  }
+  const variant = keys[0]!;
+  const schema = requestPayloads[variant as keyof typeof requestPayloads];
+  if (schema === undefined) throw failure("EINVAL", `unknown request variant "${variant}"`).context("malformed request");
+  const parsed = schema.safeParse(value[variant]);
+  if (!parsed.success) throw schemaError("request", parsed.error, variant);
+  return { [variant]: parsed.data } as VmMemoryRequest;
+}
+
+/**
+ * Replaces descriptor indices with the packet's descriptors. Every attached descriptor
+ * must be referenced exactly once (PROTOCOL.md); otherwise EINVAL, and the caller,
+ * who owns `fds`, closes them all.
+ */
+export function resolveDescriptors(holders: { holder: Record<string, unknown>; key: string }[], fds: readonly number[]): void {
+  const used = new Uint8Array(fds.length);
+  for (const { holder, key } of holders) {
+    const index = holder[key] as number;
+    if (index >= fds.length) {
+      throw failure("EINVAL", `descriptor index ${index} is out of range: the packet carries ${fds.length}`).context("malformed request");
+    }
+    if (used[index]++ !== 0) throw failure("EINVAL", `descriptor index ${index} is referenced twice`).context("malformed request");
+  }
+  const unused = used.indexOf(0);
+  if (unused !== -1) {
+    throw failure("EINVAL", `descriptor ${unused} of ${fds.length} attached is not referenced`).context("malformed request");
+  }
+  for (const { holder, key } of holders) holder[key] = fds[holder[key] as number];
+}
+
+/** Decodes one request packet; descriptor fields come back as the packet's descriptors. */
+export function decodeRequest(body: Uint8Array, fds: readonly number[]): VmMemoryRequest {
+  const req = parseRequest(decodeValue(body));
+  resolveDescriptors(descriptorSlots(req), fds);
+  return req;
+}
+
+/** Decodes one MmapAndRegisterMemory follow-up packet. */
+export function decodeFileMappings(body: Uint8Array, fds: readonly number[]): VmMemoryFileMapping[] {
+  const parsed = fileMappingChunk.safeParse(decodeValue(body));
+  if (!parsed.success) throw schemaError("file mapping chunk", parsed.error);
+  const mappings = parsed.data as VmMemoryFileMapping[];
+  resolveDescriptors(
+    mappings.map((m) => ({ holder: m as unknown as Record<string, unknown>, key: "file" })),
+    fds,
+  );
+  return mappings;
+}
+
+export function encodeResponse(resp: VmMemoryResponse): Uint8Array {
+  return encodeValue(resp);
+}
+
+/** Client side: a response packet as a typed response (a malformed one throws). */
+export function decodeResponse(body: Uint8Array): VmMemoryResponse {
+  const parsed = responseSchema.safeParse(decodeValue(body));
+  if (!parsed.success) throw schemaError("response", parsed.error);
+  return parsed.data as VmMemoryResponse;
+}

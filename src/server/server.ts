@@ -1,0 +1,342 @@
+// The socket server: an AF_UNIX SOCK_SEQPACKET listener and an epoll loop on the
+// main thread. It knows sockets, ordering and descriptor ownership, not memory
+// semantics: every request goes to memory's execute().
+import { chmodSync, lstatSync, unlinkSync } from "node:fs";
+import * as sys from "../sys";
+import { execute, type ExecContext, VmMemoryError, failure } from "../memory";
+import { requestDescriptors, type VmMemoryFileMapping, type VmMemoryRequest, type VmMemoryResponse } from "../memory/request";
+import { decodeFileMappings, decodeRequest, encodeResponse, MAX_PACKET } from "../protocol";
+import type { Logger } from "./log";
+
+export interface ServerOptions {
+  socketPath: string;
+  /** Mode of the socket file (PROTOCOL.md: 0600 unless told otherwise). */
+  socketMode: number;
+  maxConnections: number;
+  /** MmapAndRegisterMemory's num_file_mappings above this is refused at once. */
+  maxFileMappings: number;
+  /** Users allowed to connect; empty means any user who can open the socket file. */
+  allowUids: number[];
+  log: Logger;
+}
+
+export const DEFAULT_SERVER_OPTIONS = {
+  socketMode: 0o600,
+  maxConnections: 256,
+  maxFileMappings: 65536,
+  allowUids: [] as number[],
+};
+
+/** Packets read from one connection per wake-up before others get a turn. */
+const READ_BUDGET = 64;
+const READ_EVENTS = sys.EPOLLIN | sys.EPOLLRDHUP;
+const WRITE_EVENTS = sys.EPOLLOUT | sys.EPOLLRDHUP;
+
+/** An MmapAndRegisterMemory waiting for its follow-up packets; owns every descriptor received for it. */
+interface PendingMmap {
+  req: Extract<VmMemoryRequest, { MmapAndRegisterMemory: unknown }>;
+  remaining: number;
+  mappings: VmMemoryFileMapping[];
+}
+
+class Connection {
+  /** Responses that did not fit in the socket; while any wait, no request is read (throttle). */
+  readonly outbox: Uint8Array[] = [];
+  pending: PendingMmap | null = null;
+  requests = 0;
+  constructor(
+    readonly fd: number,
+    readonly id: number,
+    readonly peer: sys.PeerCred,
+  ) {}
+}
+
+/** Extra descriptors in the epoll set (e.g. the vCPU's eventfd), with their handlers. */
+export type FdHandler = (events: number) => void;
+
+export class Server {
+  private readonly epoll = new sys.Epoll(256);
+  private readonly io = new sys.PacketIo(MAX_PACKET);
+  private readonly conns = new Map<number, Connection>();
+  private readonly handlers = new Map<number, FdHandler>();
+  private listener = -1;
+  private nextConnId = 1;
+  private stopping = false;
+  private stopReason = "";
+  private exitCode = 0;
+
+  constructor(
+    private readonly ctx: ExecContext,
+    private readonly opts: ServerOptions,
+  ) {}
+
+  get connectionCount(): number {
+    return this.conns.size;
+  }
+
+  /** Binds the socket: a stale socket file is replaced, a live one (a server answers) is an error. */
+  listen(): void {
+    const path = this.opts.socketPath;
+    let st: ReturnType<typeof lstatSync> | undefined;
+    try {
+      st = lstatSync(path);
+    } catch {}
+    if (st !== undefined) {
+      if (!st.isSocket()) throw new sys.SysError(`${path} exists and is not a socket; refusing to replace it`, sys.Errno.EEXIST);
+      let live = false;
+      try {
+        sys.close(sys.connectSeqpacket(path));
+        live = true;
+      } catch {}
+      if (live) throw new sys.SysError(`another server is answering on ${path}`, sys.Errno.EADDRINUSE);
+      unlinkSync(path);
+      this.opts.log.info("replaced a stale socket file", { path });
+    }
+    // Create the file with the final mode: no window where others could connect.
+    const oldMask = process.umask(0o777 & ~this.opts.socketMode);
+    try {
+      this.listener = sys.listenSeqpacket(path);
+    } finally {
+      process.umask(oldMask);
+    }
+    chmodSync(path, this.opts.socketMode);
+    this.epoll.add(this.listener, sys.EPOLLIN);
+  }
+
+  /** Adds a descriptor of another component (the vCPU's eventfd) to the loop. */
+  watch(fd: number, handler: FdHandler): void {
+    this.handlers.set(fd, handler);
+    this.epoll.add(fd, sys.EPOLLIN);
+  }
+
+  /** Asks the loop to finish the request in hand and return. */
+  stop(reason: string, exitCode = 0): void {
+    if (!this.stopping) {
+      this.stopReason = reason;
+      this.exitCode = exitCode;
+    }
+    this.stopping = true;
+  }
+
+  /** Runs until stop(); returns the exit code. */
+  async run(): Promise<number> {
+    let lastYield = performance.now();
+    while (!this.stopping) {
+      const n = this.epoll.wait(100);
+      // Bun runs signal handlers only when the JS event loop turns: let it, now and then.
+      if (n <= 0 || performance.now() - lastYield > 50) {
+        await new Promise((r) => setImmediate(r));
+        lastYield = performance.now();
+        if (n <= 0) continue;
+      }
+      for (let i = 0; i < n; i++) this.dispatch(this.epoll.readyFd(i), this.epoll.readyEvents(i));
+    }
+    this.shutdown();
+    return this.exitCode;
+  }
+
+  private dispatch(fd: number, events: number): void {
+    if (fd === this.listener) return this.acceptAll();
+    const handler = this.handlers.get(fd);
+    if (handler !== undefined) return handler(events);
+    const conn = this.conns.get(fd);
+    if (conn === undefined) return;
+    try {
+      if (events & sys.EPOLLOUT) this.flush(conn);
+      if (this.conns.has(fd) && events & (sys.EPOLLIN | sys.EPOLLRDHUP | sys.EPOLLHUP | sys.EPOLLERR)) this.readAll(conn, events);
+    } catch (e) {
+      const errno = e instanceof sys.SysError ? e.errno : 0;
+      // A peer that hangs up with responses owed is a disconnect, not a failure.
+      if (errno !== sys.Errno.EPIPE && errno !== sys.Errno.ECONNRESET) {
+        this.opts.log.warn("connection failed", { conn: conn.id, error: String(e) });
+      }
+      this.disconnect(conn);
+    }
+  }
+
+  private acceptAll(): void {
+    for (;;) {
+      let fd: number;
+      try {
+        fd = sys.accept(this.listener);
+      } catch (e) {
+        // EMFILE/ENFILE: the pending connection stays queued; say so and carry on.
+        this.opts.log.warn("accept failed", { error: String(e) });
+        return;
+      }
+      if (fd === -1) return;
+      const peer = sys.peerCred(fd);
+      if (this.opts.allowUids.length > 0 && !this.opts.allowUids.includes(peer.uid)) {
+        this.opts.log.warn("refused a peer not in --allow-uid", { ...peer });
+        sys.close(fd);
+        continue;
+      }
+      if (this.conns.size >= this.opts.maxConnections) {
+        this.opts.log.warn("refused a connection: limit reached", { limit: this.opts.maxConnections, ...peer });
+        sys.close(fd);
+        continue;
+      }
+      const conn = new Connection(fd, this.nextConnId++, peer);
+      this.conns.set(fd, conn);
+      this.epoll.add(fd, READ_EVENTS);
+      this.opts.log.info("client connected", { conn: conn.id, pid: peer.pid, uid: peer.uid, gid: peer.gid });
+    }
+  }
+
+  private readAll(conn: Connection, events: number): void {
+    for (let budget = READ_BUDGET; budget > 0; budget--) {
+      if (conn.outbox.length > 0) return; // throttled until its responses drain
+      const len = this.io.recv(conn.fd);
+      if (len === -1) {
+        if (events & (sys.EPOLLHUP | sys.EPOLLERR)) this.disconnect(conn);
+        return;
+      }
+      if (len === 0 && this.io.fds.length === 0 && this.io.flags === 0) {
+        // End of stream, or an empty packet: only a hang-up tells them apart.
+        if (sys.pollOne(conn.fd, sys.POLLRDHUP, 0) & (sys.POLLRDHUP | sys.POLLHUP)) return this.disconnect(conn);
+        this.respond(conn, errResponse(failure("EINVAL", "empty packet").context("malformed packet")));
+        return;
+      }
+      this.handlePacket(conn, len, this.io.fds);
+      if (!this.conns.has(conn.fd)) return;
+    }
+  }
+
+  /** One packet. `fds` belong to this call until handed to a pending request; every other path closes them. */
+  private handlePacket(conn: Connection, len: number, fds: number[]): void {
+    let owned: number[] = fds;
+    conn.requests++;
+    try {
+      if (this.io.flags & sys.MSG_TRUNC) {
+        throw failure("EINVAL", `packet larger than ${MAX_PACKET} bytes`).context("malformed packet");
+      }
+      if (this.io.flags & sys.MSG_CTRUNC) {
+        throw failure("EINVAL", `more than ${sys.SCM_MAX_FD} descriptors in one packet`).context("malformed packet");
+      }
+      const body = this.io.body.subarray(0, len);
+      if (conn.pending !== null) {
+        owned = [];
+        return this.handleChunk(conn, body, fds);
+      }
+      const req = decodeRequest(body, fds);
+      if (typeof req === "object" && "MmapAndRegisterMemory" in req) {
+        const count = req.MmapAndRegisterMemory.num_file_mappings;
+        const size = req.MmapAndRegisterMemory.shm.size;
+        if (count > this.opts.maxFileMappings || BigInt(count) > BigInt(size) / 4096n) {
+          throw failure("EINVAL", `num_file_mappings ${count} is more than the shm's pages or the limit ${this.opts.maxFileMappings}`)
+            .context("failed to mmap and register memory");
+        }
+        if (count > 0) {
+          req.MmapAndRegisterMemory.file_mappings = [];
+          conn.pending = { req, remaining: Number(count), mappings: req.MmapAndRegisterMemory.file_mappings };
+          owned = [];
+          return;
+        }
+      }
+      this.respond(conn, this.execute(conn, req));
+    } catch (e) {
+      this.respond(conn, errResponse(e));
+    } finally {
+      for (const fd of owned) closeQuietly(fd);
+    }
+  }
+
+  private handleChunk(conn: Connection, body: Uint8Array, fds: number[]): void {
+    const pending = conn.pending!;
+    try {
+      const chunk = decodeFileMappings(body, fds);
+      if (chunk.length > pending.remaining) {
+        throw failure("EINVAL", `chunk of ${chunk.length} file mappings exceeds the ${pending.remaining} still expected`)
+          .context("malformed file mapping chunk");
+      }
+      pending.mappings.push(...chunk);
+      pending.remaining -= chunk.length;
+    } catch (e) {
+      // This packet's descriptors never joined the request: close them, then drop the request.
+      for (const fd of fds) closeQuietly(fd);
+      conn.pending = null;
+      this.release(pending.req);
+      this.respond(conn, errResponse(VmMemoryError.from(e).context("failed to mmap and register memory")));
+      return;
+    }
+    if (pending.remaining > 0) return;
+    conn.pending = null;
+    try {
+      this.respond(conn, this.execute(conn, pending.req));
+    } finally {
+      this.release(pending.req);
+    }
+  }
+
+  /** execute() never keeps a request's descriptors (mappings and KVM hold their own references). */
+  private execute(conn: Connection, req: VmMemoryRequest): VmMemoryResponse {
+    try {
+      const resp = execute(req, this.ctx);
+      if (this.opts.log.enabled("debug")) {
+        this.opts.log.debug("request", { conn: conn.id, resp: typeof resp === "string" ? resp : Object.keys(resp)[0] });
+      }
+      return resp;
+    } finally {
+      if (!(typeof req === "object" && "MmapAndRegisterMemory" in req)) this.release(req);
+    }
+  }
+
+  private release(req: VmMemoryRequest): void {
+    for (const fd of requestDescriptors(req)) closeQuietly(fd);
+  }
+
+  private respond(conn: Connection, resp: VmMemoryResponse): void {
+    const bytes = encodeResponse(resp);
+    if (conn.outbox.length === 0 && this.io.send(conn.fd, bytes)) return;
+    // The encoder reuses its buffer: keep a copy. Reading stops until the outbox drains.
+    if (conn.outbox.length === 0) this.epoll.modify(conn.fd, WRITE_EVENTS);
+    conn.outbox.push(bytes.slice());
+  }
+
+  private flush(conn: Connection): void {
+    let sent = 0;
+    while (sent < conn.outbox.length && this.io.send(conn.fd, conn.outbox[sent]!)) sent++;
+    conn.outbox.splice(0, sent);
+    if (conn.outbox.length === 0) {
+      this.epoll.modify(conn.fd, READ_EVENTS);
+      this.readAll(conn, 0);
+    }
+  }
+
+  private disconnect(conn: Connection): void {
+    if (!this.conns.delete(conn.fd)) return;
+    try {
+      this.epoll.remove(conn.fd);
+    } catch {}
+    if (conn.pending !== null) {
+      this.release(conn.pending.req);
+      conn.pending = null;
+    }
+    closeQuietly(conn.fd);
+    this.opts.log.info("client disconnected", { conn: conn.id, requests: conn.requests });
+  }
+
+  private shutdown(): void {
+    this.opts.log.info("shutting down", { reason: this.stopReason, clients: this.conns.size });
+    for (const conn of [...this.conns.values()]) this.disconnect(conn);
+    if (this.listener !== -1) {
+      closeQuietly(this.listener);
+      this.listener = -1;
+      try {
+        unlinkSync(this.opts.socketPath);
+      } catch {}
+    }
+    this.epoll.close();
+  }
+}
+
+function errResponse(e: unknown): VmMemoryResponse {
+  const err = VmMemoryError.from(e);
+  return { Err: { errno: err.errno, chain: err.chain } };
+}
+
+function closeQuietly(fd: number): void {
+  try {
+    sys.close(fd);
+  } catch {}
+}
