@@ -5,3 +5,4 @@ export * from "./mman";
 export * from "./ioctl";
 export * from "./socket";
 export * from "./epoll";
+export * from "./thread";

@@ -47,4 +47,7 @@ export const libc = dlopen("libc.so.6", {
   pthread_sigmask: { args: [i32, ptr, ptr], returns: i32 },
   sigaction: { args: [i32, ptr, ptr], returns: i32 },
   strerror: { args: [i32], returns: FFIType.cstring },
+  // src/sys/thread.ts: a no-op signal handler is the address of a libc function.
+  dlsym: { args: [ptr, ptr], returns: ptr },
+  __libc_current_sigrtmin: { args: [], returns: i32 },
 }).symbols;

@@ -1,0 +1,69 @@
+// The binary's command line: version, help, bad flags (one line, exit 2), ctl.
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { BINARY, requireBinary, VmemdProcess } from "./server_harness";
+
+function run(...args: string[]) {
+  requireBinary();
+  const r = Bun.spawnSync([BINARY, ...args], { cwd: "/" });
+  return { code: r.exitCode, out: r.stdout.toString(), err: r.stderr.toString() };
+}
+
+describe("command line", () => {
+  test("--version and --help, from any directory", () => {
+    expect(run("--version").out).toMatch(/^vmemd \d+\.\d+\.\d+\n$/);
+    const help = run("--help");
+    expect(help.code).toBe(0);
+    expect(help.out).toContain("vmemd serve --socket PATH");
+    expect(run("serve", "--help").out).toContain("--pci-bar BB:DD.F/BAR=SIZE");
+    expect(run("ctl", "--help").out).toContain("mmap-register");
+  });
+
+  test("a bad flag or value is one clear line and exit 2", () => {
+    for (const args of [
+      ["serve", "--bogus"],
+      ["serve"],
+      ["serve", "--socket", "/tmp/x.sock", "--memory", "lots"],
+      ["serve", "--socket", "/tmp/x.sock", "--pci-bar", "zz"],
+      ["serve", "--socket", "/tmp/x.sock", "--log-level", "loud"],
+      ["serve", "--socket", "/tmp/x.sock", "--socket-mode", "999"],
+      ["ctl", "--socket", "/tmp/x.sock"],
+      ["ctl", "--socket", "/tmp/x.sock", "frob"],
+      ["frob"],
+    ]) {
+      const r = run(...args);
+      expect({ args, code: r.code }).toEqual({ args, code: 2 });
+      expect(r.err.trim().split("\n").length).toBe(1);
+    }
+  });
+});
+
+describe("ctl against a running server", () => {
+  let s: VmemdProcess;
+  beforeAll(async () => {
+    s = await VmemdProcess.start(["--memory", "64M", "--pci-bar", "00:05.0/2=16M"]);
+  });
+  afterAll(async () => {
+    expect(await s.stop()).toBe(0);
+  });
+
+  test("register, state (drawn and JSON), unregister, Err exit status", () => {
+    const reg = run("ctl", "--socket", s.socket, "register", "--shm", "2M", "--gpa", "0x200000000");
+    expect(reg.code).toBe(0);
+    expect(JSON.parse(reg.out)).toEqual({ RegisterMemory: { region_id: 0x2_0000_0000, slot: 1 } });
+    expect(run("ctl", "--socket", s.socket, "prepare", "00:05.0/2").out.trim()).toBe('"Ok"');
+    expect(run("ctl", "--socket", s.socket, "register", "--shm", "64K", "--bar", "00:05.0/2", "--bar-offset", "64K").code).toBe(0);
+    const map = run("ctl", "--socket", s.socket, "state").out;
+    expect(map).toContain("PciBar 00:05.0 BAR2");
+    expect(map).toMatch(/0x0002_0000_0000 +│ ■ dynamic region rw +2 MiB +slot 1/);
+    expect(map).toMatch(/fixed region rw +64 KiB +slot 2/);
+    const json = JSON.parse(run("ctl", "--socket", s.socket, "state", "--json").out);
+    expect(json.State.slots_used).toBe(3);
+    expect(run("ctl", "--socket", s.socket, "unregister", "0x200000000").code).toBe(0);
+    const bad = run("ctl", "--socket", s.socket, "unregister", "0x200000000");
+    expect(bad.code).toBe(1);
+    expect(JSON.parse(bad.out).Err.errno).toBe(2);
+    expect(run("ctl", "--socket", s.socket, "raw", '{"BalloonTargetReached":{"size":1}}').out.trim()).toBe('"Ok"');
+    expect(run("ctl", "--socket", s.socket, "free", "0:1M").code).toBe(0);
+    expect(run("ctl", "--socket", s.socket, "ioevent", "--addr", "0xe0000000", "--match", "u32=5").code).toBe(0);
+  });
+});
