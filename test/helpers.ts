@@ -40,6 +40,16 @@ export function mapsCount(pid: number | "self" = "self"): number {
   return readFileSync(`/proc/${pid}/maps`, "utf8").split("\n").length - 1;
 }
 
+/**
+ * Mappings of client memory: memfd-backed lines of /proc/PID/maps other than guest RAM.
+ * Exact, unlike the total line count, which the JS heap also moves.
+ */
+export function memfdMappings(pid: number | "self" = "self"): number {
+  return readFileSync(`/proc/${pid}/maps`, "utf8")
+    .split("\n")
+    .filter((l) => l.includes("/memfd:") && !l.includes("vmemd-guest-ram")).length;
+}
+
 export function closeAll(fds: number[]): void {
   for (const fd of fds) sys.close(fd);
 }

@@ -86,9 +86,16 @@ export class VmemdProcess {
 
   /** A GetState round trip on a fresh connection: everything sent before has been processed. */
   async settle(): Promise<void> {
-    const c = this.connect();
-    c.request("GetState");
-    c.close();
+    try {
+      const c = this.connect();
+      try {
+        c.request("GetState");
+      } finally {
+        c.close();
+      }
+    } catch {
+      // A server that refuses us (--allow-uid) still came up.
+    }
     await Bun.sleep(20);
   }
 

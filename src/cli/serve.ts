@@ -18,6 +18,11 @@ Creates a KVM virtual machine and serves its memory plane on PATH.
   --allow-uid UID           accept only these users (repeatable; default: anyone who can open the socket)
   --max-connections N       concurrent clients (default ${DEFAULT_SERVER_OPTIONS.maxConnections})
   --max-file-mappings N     cap on MmapAndRegisterMemory's num_file_mappings (default ${DEFAULT_SERVER_OPTIONS.maxFileMappings})
+  --max-regions-per-connection N
+                            live regions one connection may register (default ${DEFAULT_SERVER_OPTIONS.maxRegionsPerConnection})
+  --max-packet SIZE         largest request packet (default 64K, the protocol's maximum)
+  --max-fds-per-packet N    descriptors in one packet (default 253, the kernel's SCM_MAX_FD)
+  --release-on-disconnect   remove a client's regions and ioevents when it disconnects
   --guest FILE              run FILE as the guest (docs/boot.md)
   --serial PATH             write the guest's serial output to PATH (default: stdout)
   --log-level LEVEL         debug, info, warn, error (default info)
@@ -32,6 +37,10 @@ const SPEC = {
   "allow-uid": { value: true, repeat: true },
   "max-connections": { value: true },
   "max-file-mappings": { value: true },
+  "max-regions-per-connection": { value: true },
+  "max-packet": { value: true },
+  "max-fds-per-packet": { value: true },
+  "release-on-disconnect": { value: false },
   guest: { value: true },
   serial: { value: true },
   "log-level": { value: true },
@@ -68,6 +77,10 @@ export async function serve(argv: string[]): Promise<number> {
     if (n < 1) throw new UsageError(`--${name}: must be at least 1`);
     return n;
   };
+  const maxPacket = flag(p, "max-packet") === undefined ? DEFAULT_SERVER_OPTIONS.maxPacket : parseSize(flag(p, "max-packet")!, "--max-packet");
+  if (maxPacket < 16 || maxPacket > DEFAULT_SERVER_OPTIONS.maxPacket) throw new UsageError(`--max-packet: must be between 16 and ${DEFAULT_SERVER_OPTIONS.maxPacket}`);
+  const maxFds = count("max-fds-per-packet", DEFAULT_SERVER_OPTIONS.maxFdsPerPacket);
+  if (maxFds > sys.SCM_MAX_FD) throw new UsageError(`--max-fds-per-packet: at most ${sys.SCM_MAX_FD} (the kernel's SCM_MAX_FD)`);
   const log = new Logger(level, format);
 
   // crosvm raises RLIMIT_NOFILE for MmapAndRegisterMemory; vmemd does it once, at start.
@@ -89,6 +102,10 @@ export async function serve(argv: string[]): Promise<number> {
       maxConnections: count("max-connections", DEFAULT_SERVER_OPTIONS.maxConnections),
       maxFileMappings: count("max-file-mappings", DEFAULT_SERVER_OPTIONS.maxFileMappings),
       allowUids,
+      maxPacket,
+      maxFdsPerPacket: maxFds,
+      maxRegionsPerConnection: count("max-regions-per-connection", DEFAULT_SERVER_OPTIONS.maxRegionsPerConnection),
+      releaseOnDisconnect: p.flags.has("release-on-disconnect"),
       log,
     });
     server.listen();

@@ -4,7 +4,15 @@
 import { chmodSync, lstatSync, unlinkSync } from "node:fs";
 import * as sys from "../sys";
 import { execute, type ExecContext, VmMemoryError, failure } from "../memory";
-import { requestDescriptors, type VmMemoryFileMapping, type VmMemoryRequest, type VmMemoryResponse } from "../memory/request";
+import type { RegionId } from "../memory/region_state";
+import {
+  requestDescriptors,
+  type Datamatch,
+  type U64,
+  type VmMemoryFileMapping,
+  type VmMemoryRequest,
+  type VmMemoryResponse,
+} from "../memory/request";
 import { decodeFileMappings, decodeRequest, encodeResponse, MAX_PACKET } from "../protocol";
 import type { Logger } from "./log";
 
@@ -17,6 +25,14 @@ export interface ServerOptions {
   maxFileMappings: number;
   /** Users allowed to connect; empty means any user who can open the socket file. */
   allowUids: number[];
+  /** Largest request body accepted (at most the protocol's 65536). */
+  maxPacket: number;
+  /** Descriptors accepted in one packet (at most the kernel's SCM_MAX_FD, 253). */
+  maxFdsPerPacket: number;
+  /** Live regions one connection may have registered. */
+  maxRegionsPerConnection: number;
+  /** Remove a connection's regions and ioevents when it disconnects (crosvm does not). */
+  releaseOnDisconnect: boolean;
   log: Logger;
 }
 
@@ -25,6 +41,10 @@ export const DEFAULT_SERVER_OPTIONS = {
   maxConnections: 256,
   maxFileMappings: 65536,
   allowUids: [] as number[],
+  maxPacket: MAX_PACKET,
+  maxFdsPerPacket: sys.SCM_MAX_FD,
+  maxRegionsPerConnection: 16384,
+  releaseOnDisconnect: false,
 };
 
 /** Packets read from one connection per wake-up before others get a turn. */
@@ -39,11 +59,22 @@ interface PendingMmap {
   mappings: VmMemoryFileMapping[];
 }
 
+/** An ioeventfd a connection registered, kept (with a dup of its eventfd) to remove on disconnect. */
+interface OwnedIoevent {
+  event: number;
+  addr: U64;
+  datamatch: Datamatch;
+}
+
 class Connection {
   /** Responses that did not fit in the socket; while any wait, no request is read (throttle). */
   readonly outbox: Uint8Array[] = [];
   pending: PendingMmap | null = null;
   requests = 0;
+  /** Regions this connection registered and that are still live. */
+  readonly regions = new Set<RegionId>();
+  /** Only with --release-on-disconnect. */
+  readonly ioevents: OwnedIoevent[] = [];
   constructor(
     readonly fd: number,
     readonly id: number,
@@ -59,6 +90,10 @@ export class Server {
   private readonly io = new sys.PacketIo(MAX_PACKET);
   private readonly conns = new Map<number, Connection>();
   private readonly handlers = new Map<number, FdHandler>();
+  /** Which connection registered each live region (for per-connection limits and release). */
+  private readonly regionOwner = new Map<RegionId, Connection>();
+  /** A spare descriptor, given up to accept-and-close a connection when the table is full. */
+  private reserveFd = -1;
   private listener = -1;
   private nextConnId = 1;
   private stopping = false;
@@ -101,6 +136,7 @@ export class Server {
     }
     chmodSync(path, this.opts.socketMode);
     this.epoll.add(this.listener, sys.EPOLLIN);
+    this.reserveFd = openReserve();
   }
 
   /** Adds a descriptor of another component (the vCPU's eventfd) to the loop. */
@@ -160,8 +196,16 @@ export class Server {
       try {
         fd = sys.accept(this.listener);
       } catch (e) {
-        // EMFILE/ENFILE: the pending connection stays queued; say so and carry on.
         this.opts.log.warn("accept failed", { error: String(e) });
+        // EMFILE/ENFILE: the connection stays queued and the listener readable. Use the
+        // reserve descriptor to take it and close it, so the loop does not spin on it.
+        if (this.reserveFd !== -1) {
+          closeQuietly(this.reserveFd);
+          try {
+            closeQuietly(sys.accept(this.listener));
+          } catch {}
+          this.reserveFd = openReserve();
+        }
         return;
       }
       if (fd === -1) return;
@@ -207,8 +251,11 @@ export class Server {
     let owned: number[] = fds;
     conn.requests++;
     try {
-      if (this.io.flags & sys.MSG_TRUNC) {
-        throw failure("EINVAL", `packet larger than ${MAX_PACKET} bytes`).context("malformed packet");
+      if (this.io.flags & sys.MSG_TRUNC || len > this.opts.maxPacket) {
+        throw failure("EINVAL", `packet larger than ${this.opts.maxPacket} bytes`).context("malformed packet");
+      }
+      if (fds.length > this.opts.maxFdsPerPacket) {
+        throw failure("EINVAL", `${fds.length} descriptors in one packet; the limit is ${this.opts.maxFdsPerPacket}`).context("malformed packet");
       }
       if (this.io.flags & sys.MSG_CTRUNC) {
         throw failure("EINVAL", `more than ${sys.SCM_MAX_FD} descriptors in one packet`).context("malformed packet");
@@ -219,6 +266,12 @@ export class Server {
         return this.handleChunk(conn, body, fds);
       }
       const req = decodeRequest(body, fds);
+      if (typeof req === "object" && ("RegisterMemory" in req || "MmapAndRegisterMemory" in req)) {
+        if (conn.regions.size >= this.opts.maxRegionsPerConnection) {
+          throw failure("ENOSPC", `this connection has ${conn.regions.size} live regions, the limit (--max-regions-per-connection)`)
+            .context(`failed to ${"RegisterMemory" in req ? "register memory" : "mmap and register memory"}`);
+        }
+      }
       if (typeof req === "object" && "MmapAndRegisterMemory" in req) {
         const count = req.MmapAndRegisterMemory.num_file_mappings;
         const size = req.MmapAndRegisterMemory.shm.size;
@@ -272,6 +325,7 @@ export class Server {
   private execute(conn: Connection, req: VmMemoryRequest): VmMemoryResponse {
     try {
       const resp = execute(req, this.ctx);
+      if (typeof req === "object") this.account(conn, req, resp);
       if (this.opts.log.enabled("debug")) {
         this.opts.log.debug("request", { conn: conn.id, resp: typeof resp === "string" ? resp : Object.keys(resp)[0] });
       }
@@ -279,6 +333,46 @@ export class Server {
     } finally {
       if (!(typeof req === "object" && "MmapAndRegisterMemory" in req)) this.release(req);
     }
+  }
+
+  /** Records what a successful request made a connection own. */
+  private account(conn: Connection, req: Exclude<VmMemoryRequest, string>, resp: VmMemoryResponse): void {
+    if (typeof resp === "object" && "RegisterMemory" in resp) {
+      const id = Number(resp.RegisterMemory.region_id);
+      conn.regions.add(id);
+      this.regionOwner.set(id, conn);
+    } else if (resp === "Ok" && "UnregisterMemory" in req) {
+      const id = Number(req.UnregisterMemory);
+      this.regionOwner.get(id)?.regions.delete(id);
+      this.regionOwner.delete(id);
+    } else if (resp === "Ok" && "IoEventRaw" in req && this.opts.releaseOnDisconnect) {
+      const r = req.IoEventRaw;
+      if (r.register) {
+        conn.ioevents.push({ event: sys.dup(r.event), addr: r.addr, datamatch: r.datamatch });
+      } else {
+        const key = ioeventKey(r.addr, r.datamatch);
+        const i = conn.ioevents.findIndex((e) => ioeventKey(e.addr, e.datamatch) === key);
+        if (i !== -1) closeQuietly(conn.ioevents.splice(i, 1)[0]!.event);
+      }
+    }
+  }
+
+  /** --release-on-disconnect: removes what the connection registered and still owns. */
+  private releaseOwned(conn: Connection): void {
+    for (const id of conn.regions) {
+      this.regionOwner.delete(id);
+      const resp = execute({ UnregisterMemory: id }, this.ctx);
+      if (resp !== "Ok") this.opts.log.warn("could not release a region on disconnect", { conn: conn.id, region: id, resp: JSON.stringify(resp) });
+    }
+    for (const e of conn.ioevents) {
+      execute({ IoEventRaw: { event: e.event, addr: e.addr, datamatch: e.datamatch, register: false } }, this.ctx);
+      closeQuietly(e.event);
+    }
+    if (conn.regions.size + conn.ioevents.length > 0) {
+      this.opts.log.info("released on disconnect", { conn: conn.id, regions: conn.regions.size, ioevents: conn.ioevents.length });
+    }
+    conn.regions.clear();
+    conn.ioevents.length = 0;
   }
 
   private release(req: VmMemoryRequest): void {
@@ -312,6 +406,8 @@ export class Server {
       this.release(conn.pending.req);
       conn.pending = null;
     }
+    if (this.opts.releaseOnDisconnect) this.releaseOwned(conn);
+    else for (const id of conn.regions) this.regionOwner.delete(id);
     closeQuietly(conn.fd);
     this.opts.log.info("client disconnected", { conn: conn.id, requests: conn.requests });
   }
@@ -327,7 +423,20 @@ export class Server {
       } catch {}
     }
     this.epoll.close();
+    if (this.reserveFd !== -1) closeQuietly(this.reserveFd);
   }
+}
+
+function openReserve(): number {
+  try {
+    return sys.open("/dev/null", sys.O_RDONLY);
+  } catch {
+    return -1;
+  }
+}
+
+function ioeventKey(addr: U64, dm: Datamatch): string {
+  return `${addr}/${typeof dm === "string" ? dm : JSON.stringify(dm, (_k, v) => (typeof v === "bigint" ? String(v) : v))}`;
 }
 
 function errResponse(e: unknown): VmMemoryResponse {
