@@ -41,11 +41,12 @@ export class SysError extends Error {
 
 // Test-only fault injection (issue 6): `injectFault("mmap", ENOMEM)` makes the
 // next matching call fail without reaching the kernel. One boolean check when unused.
-let faults: Map<string, { errno: number; remaining: number }> | null = null;
+let faults: Map<string, { errno: number; remaining: number; skip: number }> | null = null;
 
-export function injectFault(call: string, errno: number, times = 1): void {
+/** Makes `call` fail with `errno` `times` times, after letting `after` calls through. */
+export function injectFault(call: string, errno: number, times = 1, after = 0): void {
   faults ??= new Map();
-  faults.set(call, { errno, remaining: times });
+  faults.set(call, { errno, remaining: times, skip: after });
 }
 
 export function clearFaults(): void {
@@ -57,6 +58,10 @@ export function checkFault(call: string): void {
   if (faults === null) return;
   const f = faults.get(call);
   if (f === undefined) return;
+  if (f.skip > 0) {
+    f.skip--;
+    return;
+  }
   if (--f.remaining <= 0) faults.delete(call);
   if (faults.size === 0) faults = null;
   throw new SysError(call, f.errno);
