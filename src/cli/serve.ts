@@ -12,6 +12,7 @@ Creates a KVM virtual machine and serves its memory plane on PATH.
 
   --socket PATH             Unix socket to listen on (SOCK_SEQPACKET); a stale file is replaced
   --memory SIZE             guest RAM (default 256M); K/M/G suffixes
+  --prefault                allocate all guest RAM at start rather than on first touch
   --pci-bar BB:DD.F/BAR=SIZE
                             allocate a PCI BAR at start (repeatable), e.g. 00:05.0/2=16M
   --socket-mode MODE        socket file mode, octal (default 0600)
@@ -32,6 +33,7 @@ Creates a KVM virtual machine and serves its memory plane on PATH.
 const SPEC = {
   socket: { value: true },
   memory: { value: true },
+  prefault: { value: false },
   "pci-bar": { value: true, repeat: true },
   "socket-mode": { value: true },
   "allow-uid": { value: true, repeat: true },
@@ -87,7 +89,7 @@ export async function serve(argv: string[]): Promise<number> {
   const nofile = sys.getrlimit(sys.RLIMIT_NOFILE);
   if (nofile.cur < nofile.max) sys.setrlimit(sys.RLIMIT_NOFILE, { cur: nofile.max, max: nofile.max });
 
-  const vm = KvmVm.create({ memory });
+  const vm = KvmVm.create({ memory, prefault: p.flags.has("prefault") });
   let guest: GuestHandle | undefined;
   try {
     const allocator = new SystemAllocator(memory, vm.physAddrLimit);

@@ -22,6 +22,8 @@ export interface KvmVmOptions {
   kvm?: Kvm;
   /** Limit slots below the kernel's (tests); never above it. */
   maxSlots?: number;
+  /** Allocate all guest RAM now (MAP_POPULATE) instead of on first touch. */
+  prefault?: boolean;
 }
 
 export class KvmVm implements Vm {
@@ -80,7 +82,7 @@ export class KvmVm implements Vm {
       const ramFd = sys.memfdCreate("vmemd-guest-ram");
       undo.push(() => sys.close(ramFd));
       sys.ftruncate(ramFd, opts.memory);
-      const ramMapping = MemoryMapping.fromDescriptor(ramFd, 0, opts.memory, sys.PROT_READ | sys.PROT_WRITE);
+      const ramMapping = MemoryMapping.fromDescriptor(ramFd, 0, opts.memory, sys.PROT_READ | sys.PROT_WRITE, opts.prefault);
       undo.push(() => ramMapping.release());
       const vm = new KvmVm(kvm, fd, ramFd, ramMapping, opts.memory, maxSlots);
       for (const r of vm.ram) {

@@ -1,0 +1,318 @@
+// `bun run bench`: vmemd's speed and memory as ratios to baselines measured in the
+// same run on the same machine (C programs in scripts/c, compiled now with cc).
+// Writes a table to stdout, bench/results.json and bench/regions.svg.
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { cpus, tmpdir } from "node:os";
+import { join } from "node:path";
+import * as sys from "../src/sys";
+import { encodeRequest, VmemClient, type Packet } from "../src/client";
+
+const ROOT = join(import.meta.dir, "..");
+const BINARY = join(ROOT, "dist", "vmemd");
+const work = mkdtempSync(join(tmpdir(), "vmemd-bench-"));
+const quick = process.argv.includes("--quick");
+const scale = (n: number) => (quick ? Math.max(1, Math.floor(n / 10)) : n);
+const MiB = 1 << 20;
+
+// ---- helpers ---------------------------------------------------------------
+
+function compile(name: string): string {
+  const out = join(work, name);
+  const r = Bun.spawnSync(["cc", "-O2", "-Wall", "-o", out, join(ROOT, "scripts", "c", `${name}.c`)]);
+  if (r.exitCode !== 0) throw new Error(`cc ${name}.c failed: ${r.stderr}`);
+  return out;
+}
+
+function runJson(cmd: string[]): Record<string, number> {
+  const r = Bun.spawnSync(cmd, { stderr: "pipe" });
+  if (r.exitCode !== 0) throw new Error(`${cmd.join(" ")} failed (${r.exitCode}): ${r.stderr}`);
+  const lines = r.stdout.toString().trim().split("\n");
+  return JSON.parse(lines[lines.length - 1]!);
+}
+
+async function waitConnectable(path: string, proc: { exitCode: number | null }): Promise<void> {
+  for (;;) {
+    try {
+      sys.close(sys.connectSeqpacket(path));
+      return;
+    } catch {}
+    if (proc.exitCode !== null) throw new Error(`server at ${path} exited (${proc.exitCode})`);
+    await Bun.sleep(1);
+  }
+}
+
+let sockCounter = 0;
+async function startVmemd(args: string[] = []) {
+  const socket = join(work, `vmemd-${sockCounter++}.sock`);
+  const proc = Bun.spawn([BINARY, "serve", "--socket", socket, "--log-level", "warn", ...args], { stdout: "ignore", stderr: "inherit" });
+  await waitConnectable(socket, proc);
+  return { socket, proc, stop: async () => { proc.kill("SIGTERM"); await proc.exited; } };
+}
+
+async function startEcho(bin: string) {
+  const socket = join(work, `echo-${sockCounter++}.sock`);
+  const proc = Bun.spawn([bin, socket], { stdout: "pipe", stderr: "inherit" });
+  await waitConnectable(socket, proc);
+  return { socket, proc, stop: async () => { proc.kill("SIGTERM"); await proc.exited; } };
+}
+
+function percentile(sorted: number[], p: number): number {
+  return sorted[Math.min(sorted.length - 1, Math.floor(sorted.length * p))]!;
+}
+function median(xs: number[]): number {
+  return percentile([...xs].sort((a, b) => a - b), 0.5);
+}
+
+function memfd(size: number): number {
+  const fd = sys.memfdCreate("bench");
+  sys.ftruncate(fd, size);
+  return fd;
+}
+
+/** Register+Unregister cycles over the wire, one at a time; ns per cycle. */
+function registerCycles(client: VmemClient, fd: number, size: number, n: number, guestOf: (i: number) => number): number[] {
+  const times: number[] = [];
+  for (let i = 0; i < n; i++) {
+    const g = guestOf(i);
+    const t0 = Bun.nanoseconds();
+    const r = client.request({ RegisterMemory: { source: { SharedMemory: { descriptor: fd, size } }, dest: { GuestPhysicalAddress: g }, prot: { read: true, write: true }, cache: "CacheCoherent" } });
+    const u = client.request({ UnregisterMemory: g });
+    times.push(Bun.nanoseconds() - t0);
+    if (typeof r === "object" && "Err" in r) throw new Error(JSON.stringify(r));
+    if (u !== "Ok") throw new Error(JSON.stringify(u));
+  }
+  return times;
+}
+
+function status(pid: number): Record<string, number> {
+  const out: Record<string, number> = {};
+  for (const line of readFileSync(`/proc/${pid}/status`, "utf8").split("\n")) {
+    const m = /^(VmRSS|RssAnon|RssFile|RssShmem):\s+(\d+) kB/.exec(line);
+    if (m) out[m[1]!] = Number(m[2]) / 1024;
+  }
+  return out;
+}
+
+// ---- figures ---------------------------------------------------------------
+
+interface Figure {
+  name: string;
+  vmemd: string;
+  baseline: string;
+  ratio: number;
+  target: string;
+  pass: boolean;
+}
+const figures: Figure[] = [];
+const raw: Record<string, unknown> = {};
+function figure(name: string, vmemd: string, baseline: string, ratio: number, target: string, pass: boolean): void {
+  figures.push({ name, vmemd, baseline, ratio, target, pass });
+  process.stderr.write(`  ${name}: ${ratio.toFixed(2)}× (${target}) ${pass ? "ok" : "MISSED"}\n`);
+}
+const us = (ns: number) => `${(ns / 1000).toFixed(1)} µs`;
+
+async function main(): Promise<void> {
+  process.stderr.write(`compiling C baselines in ${work}\n`);
+  const echoServer = compile("echo_server");
+  const echoClient = compile("echo_client");
+  const kvmCycle = compile("kvm_register_cycle");
+  const madviseFree = compile("madvise_free");
+
+  // 1, 2: round trip and pipelined throughput, the same C client against both servers.
+  {
+    const echo = await startEcho(echoServer);
+    const v = await startVmemd(["--memory", "64M"]);
+    const n = String(scale(20000));
+    const cRtt = runJson([echoClient, echo.socket, "rtt", n]);
+    const vRtt = runJson([echoClient, v.socket, "rtt", n]);
+    const cPipe = runJson([echoClient, echo.socket, "pipe", String(scale(200000)), "32"]);
+    const vPipe = runJson([echoClient, v.socket, "pipe", String(scale(200000)), "32"]);
+    raw.rtt = { c: cRtt, vmemd: vRtt };
+    raw.pipelined = { c: cPipe, vmemd: vPipe };
+    const m = vRtt.median_ns! / cRtt.median_ns!;
+    figure("round trip, median", us(vRtt.median_ns!), us(cRtt.median_ns!), m, "≤ 1.2×", m <= 1.2);
+    const p99 = vRtt.p99_ns! / cRtt.p99_ns!;
+    figure("round trip, p99", us(vRtt.p99_ns!), us(cRtt.p99_ns!), p99, "—", true);
+    const p999 = vRtt.p999_ns! / cRtt.p999_ns!;
+    figure("round trip, p99.9", us(vRtt.p999_ns!), us(cRtt.p999_ns!), p999, "≤ 3×", p999 <= 3);
+    const t = vPipe.per_second! / cPipe.per_second!;
+    figure("pipelined, 32 in flight", `${Math.round(vPipe.per_second!)}/s`, `${Math.round(cPipe.per_second!)}/s`, t, "≥ 0.8×", t >= 0.8);
+
+    // 3: RegisterMemory + UnregisterMemory vs the same work in C plus two echo round trips,
+    // both measured with this (Bun) client.
+    const client = VmemClient.connect(v.socket);
+    const echoClientBun = VmemClient.connect(echo.socket);
+    const echoTimes: number[] = [];
+    for (let i = 0; i < scale(5000); i++) {
+      const t0 = Bun.nanoseconds();
+      echoClientBun.request({ BalloonTargetReached: { size: 1 } });
+      echoTimes.push(Bun.nanoseconds() - t0);
+    }
+    const echoMedian = median(echoTimes);
+    raw.register = {};
+    for (const size of [4096, 2 * MiB]) {
+      const fd = memfd(size);
+      registerCycles(client, fd, size, scale(200), (i) => 0x40_0000_0000 + (i % 16) * 4 * MiB); // warm-up
+      const v = median(registerCycles(client, fd, size, scale(2000), (i) => 0x40_0000_0000 + (i % 16) * 4 * MiB));
+      const c = runJson([kvmCycle, String(size), String(scale(2000))]);
+      const base = c.median_ns! + 2 * echoMedian;
+      (raw.register as Record<string, unknown>)[size] = { vmemd_ns: v, c_cycle_ns: c.median_ns, echo_rtt_ns: echoMedian };
+      const r = v / base;
+      figure(`Register+Unregister ${size === 4096 ? "4 KiB" : "2 MiB"}`, us(v), us(base), r, "≤ 1.2×", r <= 1.2);
+      sys.close(fd);
+    }
+    client.close();
+    echoClientBun.close();
+    await echo.stop();
+    await v.stop();
+  }
+
+  // 4: cost per request as live regions grow.
+  const regionRows: { live: number; median_ns: number }[] = [];
+  {
+    const v = await startVmemd(["--memory", "64M", "--max-regions-per-connection", "40000"]);
+    const client = VmemClient.connect(v.socket);
+    const fd = memfd(4096);
+    const BASE = 0x40_0000_0000;
+    let live = 0;
+    for (const level of quick ? [1, 1000, 3000] : [1, 1000, 10000, 30000]) {
+      const batch: Packet[] = [];
+      while (live < level) {
+        batch.push(encodeRequest({ RegisterMemory: { source: { SharedMemory: { descriptor: fd, size: 4096 } }, dest: { GuestPhysicalAddress: BASE + live++ * 8192 }, prot: { read: true, write: true }, cache: "CacheCoherent" } }));
+      }
+      for (const r of client.pipeline(batch, 32)) if (typeof r === "object" && "Err" in r) throw new Error(JSON.stringify(r));
+      const times = registerCycles(client, fd, 4096, scale(3000), (i) => BASE + ((i * 7919) % level) * 8192 + 4096);
+      regionRows.push({ live: level, median_ns: median(times) });
+    }
+    const base = regionRows[0]!.median_ns;
+    for (const r of regionRows.slice(1)) {
+      const ratio = r.median_ns / base;
+      figure(`per request at ${r.live} live regions`, us(r.median_ns), us(base), ratio, "≤ 1.3×", ratio <= 1.3);
+    }
+    raw.regions = regionRows;
+    client.close();
+    sys.close(fd);
+    await v.stop();
+  }
+
+  // 5: exec to socket ready vs bun running an empty file.
+  {
+    const empty = join(work, "empty.js");
+    writeFileSync(empty, "");
+    const bunTimes: number[] = [];
+    const vTimes: number[] = [];
+    for (let i = 0; i < 20; i++) {
+      let t0 = Bun.nanoseconds();
+      const p = Bun.spawn([process.execPath, empty]);
+      await p.exited;
+      bunTimes.push(Bun.nanoseconds() - t0);
+      t0 = Bun.nanoseconds();
+      const v = await startVmemd(["--memory", "64M"]);
+      vTimes.push(Bun.nanoseconds() - t0);
+      await v.stop();
+    }
+    const vm = median(vTimes);
+    const bm = median(bunTimes);
+    raw.startup = { vmemd_ns: vm, bun_empty_ns: bm };
+    figure("exec to socket ready (median of 20)", `${(vm / 1e6).toFixed(1)} ms`, `${(bm / 1e6).toFixed(1)} ms`, vm / bm, "≤ 2×", vm / bm <= 2);
+  }
+
+  // 6: memory: idle, after warm-up, after 100k more requests.
+  {
+    const v = await startVmemd(["--memory", "64M"]);
+    await Bun.sleep(300);
+    const idle = status(v.proc.pid);
+    const client = VmemClient.connect(v.socket);
+    const mix = [encodeRequest({ BalloonTargetReached: { size: 1 } }), encodeRequest("GetState"), encodeRequest({ UnregisterMemory: 0x1000 })];
+    const run = (n: number) => {
+      for (let done = 0; done < n; done += 1000) client.pipeline(Array.from({ length: 1000 }, (_, i) => mix[i % 3]!), 32);
+    };
+    run(scale(20000));
+    Bun.gc?.(true);
+    await Bun.sleep(200);
+    const warm = status(v.proc.pid);
+    run(scale(100000));
+    await Bun.sleep(200);
+    const after = status(v.proc.pid);
+    raw.memory = { idle, warm, after };
+    figure("idle RSS, anonymous", `${idle.RssAnon!.toFixed(1)} MiB (RSS ${idle.VmRSS!.toFixed(1)} MiB)`, "—", idle.RssAnon! / 8, "≤ 8 MiB", idle.RssAnon! <= 8);
+    const growth = after.RssAnon! - warm.RssAnon!;
+    figure("anonymous growth over 100k requests after warm-up", `${growth.toFixed(1)} MiB (${warm.RssAnon!.toFixed(1)} → ${after.RssAnon!.toFixed(1)})`, "0", growth <= 0 ? 0 : growth, "no growth", growth <= 1);
+    client.close();
+    await v.stop();
+  }
+
+  // 7: DynamicallyFreeMemoryRanges of 1 GiB of touched RAM in 2 MiB ranges vs madvise in C.
+  {
+    const vTimes: number[] = [];
+    const cTimes: number[] = [];
+    for (let rep = 0; rep < (quick ? 1 : 3); rep++) {
+      const v = await startVmemd(["--memory", "1G", "--prefault"]);
+      const client = VmemClient.connect(v.socket);
+      const ranges: [number, number][] = Array.from({ length: 512 }, (_, i) => [i * 2 * MiB, 2 * MiB]);
+      const t0 = Bun.nanoseconds();
+      const r = client.request({ DynamicallyFreeMemoryRanges: { ranges } });
+      vTimes.push(Bun.nanoseconds() - t0);
+      if (r !== "Ok") throw new Error(JSON.stringify(r));
+      client.close();
+      await v.stop();
+      cTimes.push(runJson([madviseFree, String(1 << 30), String(2 * MiB)]).seconds! * 1e9);
+    }
+    const vm = median(vTimes);
+    const cm = median(cTimes);
+    raw.free = { vmemd_ns: vTimes, c_ns: cTimes };
+    figure("free 1 GiB of touched RAM in 2 MiB ranges", `${(vm / 1e6).toFixed(1)} ms`, `${(cm / 1e6).toFixed(1)} ms`, vm / cm, "≤ 1.2×", vm / cm <= 1.2);
+  }
+
+  // ---- output --------------------------------------------------------------
+  const machine = {
+    cpu: cpus()[0]?.model ?? "unknown",
+    cores: cpus().length,
+    kernel: readFileSync("/proc/sys/kernel/osrelease", "utf8").trim(),
+    bun: Bun.version,
+    date: new Date().toISOString(),
+    quick,
+  };
+  const lines = [
+    `machine: ${machine.cpu}, ${machine.cores} cores, Linux ${machine.kernel}, Bun ${machine.bun}, ${machine.date}${quick ? " (--quick)" : ""}`,
+    "",
+    "| figure | vmemd | baseline | ratio | target | |",
+    "| --- | --- | --- | --- | --- | --- |",
+    ...figures.map((f) => `| ${f.name} | ${f.vmemd} | ${f.baseline} | ${f.ratio.toFixed(2)}× | ${f.target} | ${f.pass ? "ok" : "missed"} |`),
+  ];
+  process.stdout.write(lines.join("\n") + "\n");
+  writeFileSync(join(ROOT, "bench", "results.json"), JSON.stringify({ machine, figures, raw }, null, 2) + "\n");
+  writeFileSync(join(ROOT, "bench", "regions.svg"), plot(regionRows));
+  writeFileSync(join(ROOT, "bench", "results.md"), lines.join("\n") + "\n");
+}
+
+/** Per-request cost against live regions, as a small SVG line chart. */
+function plot(rows: { live: number; median_ns: number }[]): string {
+  const W = 560, H = 300, L = 60, R = 20, T = 30, B = 50;
+  const xs = rows.map((r) => Math.log10(Math.max(1, r.live)));
+  const maxX = Math.max(...xs, 1);
+  const maxY = Math.max(...rows.map((r) => r.median_ns / 1000)) * 1.3;
+  const px = (x: number) => L + (x / maxX) * (W - L - R);
+  const py = (y: number) => H - B - (y / maxY) * (H - T - B);
+  const pts = rows.map((r, i) => `${px(xs[i]!).toFixed(1)},${py(r.median_ns / 1000).toFixed(1)}`);
+  const base = rows[0]!.median_ns / 1000;
+  return `<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="${W / 2}" y="18" text-anchor="middle" font-size="14">vmemd: Register+Unregister cost against live regions</text>
+<line x1="${L}" y1="${H - B}" x2="${W - R}" y2="${H - B}" stroke="black"/>
+<line x1="${L}" y1="${T}" x2="${L}" y2="${H - B}" stroke="black"/>
+<line x1="${L}" y1="${py(base * 1.3)}" x2="${W - R}" y2="${py(base * 1.3)}" stroke="#c33" stroke-dasharray="4 3"/>
+<text x="${W - R}" y="${py(base * 1.3) - 4}" text-anchor="end" fill="#c33">1.3× of the 1-region cost</text>
+<polyline fill="none" stroke="#2563eb" stroke-width="2" points="${pts.join(" ")}"/>
+${rows.map((r, i) => `<circle cx="${px(xs[i]!)}" cy="${py(r.median_ns / 1000)}" r="4" fill="#2563eb"/><text x="${px(xs[i]!)}" y="${H - B + 16}" text-anchor="middle">${r.live}</text><text x="${px(xs[i]!) + 6}" y="${py(r.median_ns / 1000) - 8}">${(r.median_ns / 1000).toFixed(1)} µs</text>`).join("\n")}
+<text x="${W / 2}" y="${H - 12}" text-anchor="middle">live regions (log scale)</text>
+<text x="16" y="${H / 2}" transform="rotate(-90 16 ${H / 2})" text-anchor="middle">median µs per pair</text>
+</svg>
+`;
+}
+
+try {
+  await main();
+} finally {
+  rmSync(work, { recursive: true, force: true });
+}

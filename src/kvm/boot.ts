@@ -1,0 +1,154 @@
+// The boot contract (docs/boot.md): what vmemd writes into guest RAM and into the
+// vCPU's registers before the first KVM_RUN. The memory part runs on the main thread;
+// the register part fills kvm_regs / kvm_sregs buffers on the vCPU thread.
+import * as sys from "../sys";
+import { hex, MiB } from "./layout";
+
+export const BOOT_GDT = 0x500;
+export const BOOT_PML4 = 0x9000;
+export const BOOT_PDPT = 0xa000;
+/** The 512 page directories, one 4 KiB page each: [0x200000, 0x400000). */
+export const BOOT_PD = 0x20_0000;
+export const BOOT_PD_END = 0x40_0000;
+export const BOOT_IMAGE = 0x10_0000;
+export const BOOT_IMAGE_MAX = 1 * MiB;
+export const BOOT_RIP = BOOT_IMAGE;
+export const BOOT_RSP = BOOT_IMAGE;
+/** Guest RAM must cover everything above: [0, 4 MiB). */
+export const BOOT_MIN_MEMORY = BOOT_PD_END;
+
+// GDT entries (x86 segment descriptors).
+const GDT_CODE64 = 0x00af9b000000ffffn; // selector 0x08: P, DPL 0, S, type 0xB, L=1, D=0, G=1
+const GDT_DATA = 0x00cf93000000ffffn; //  selector 0x10: P, DPL 0, S, type 0x3, D/B=1, G=1
+export const BOOT_CS = 0x08;
+export const BOOT_DS = 0x10;
+
+// Control registers (asm/processor-flags.h, asm/msr-index.h).
+const CR0_PE = 1 << 0;
+const CR0_MP = 1 << 1;
+const CR0_ET = 1 << 4;
+const CR0_NE = 1 << 5;
+const CR0_WP = 1 << 16;
+const CR0_PG = 1 << 31;
+export const BOOT_CR0 = (CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG) >>> 0; // 0x80010033
+export const BOOT_CR4 = 1 << 5; // PAE
+export const BOOT_EFER = (1 << 8) | (1 << 10); // LME | LMA
+const PTE_P = 1;
+const PTE_RW = 2;
+const PDE_PS = 0x80;
+
+/** Checks that `image` and `memory` fit the contract; throws a plain, complete sentence otherwise. */
+export function checkBootImage(imageSize: number, memory: number, path = "guest image"): void {
+  if (imageSize === 0) throw new sys.SysError(`${path} is empty`, sys.Errno.EINVAL);
+  if (imageSize > BOOT_IMAGE_MAX) {
+    throw new sys.SysError(
+      `${path} is ${imageSize} bytes; a guest image is loaded at ${hex(BOOT_IMAGE)} below the page tables at ${hex(BOOT_PD)}, so it may be at most ${BOOT_IMAGE_MAX} bytes (1 MiB)`,
+      sys.Errno.EFBIG,
+    );
+  }
+  if (memory < BOOT_MIN_MEMORY) {
+    throw new sys.SysError(
+      `guest memory is ${memory} bytes; running a guest needs at least ${BOOT_MIN_MEMORY} bytes (4 MiB: image at 1 MiB, page tables up to 4 MiB)`,
+      sys.Errno.EINVAL,
+    );
+  }
+}
+
+/**
+ * Writes the GDT, the identity page tables for [0, 512 GiB) with 2 MiB pages, and the
+ * image, into `low`: a view of guest RAM from GPA 0 of at least BOOT_MIN_MEMORY bytes.
+ */
+export function writeBootMemory(low: Uint8Array, image: Uint8Array): void {
+  checkBootImage(image.byteLength, low.byteLength);
+  const v = new DataView(low.buffer, low.byteOffset, BOOT_MIN_MEMORY);
+  // GDT: null, code, data.
+  v.setBigUint64(BOOT_GDT, 0n, true);
+  v.setBigUint64(BOOT_GDT + 8, GDT_CODE64, true);
+  v.setBigUint64(BOOT_GDT + 16, GDT_DATA, true);
+  // PML4[0] -> PDPT; the other 511 entries not present.
+  low.fill(0, BOOT_PML4, BOOT_PML4 + 0x1000);
+  v.setBigUint64(BOOT_PML4, BigInt(BOOT_PDPT | PTE_P | PTE_RW), true);
+  // PDPT[i] -> page directory i; PD i maps [i GiB, (i+1) GiB) with 2 MiB pages.
+  for (let i = 0; i < 512; i++) {
+    v.setBigUint64(BOOT_PDPT + i * 8, BigInt(BOOT_PD + i * 0x1000 + (PTE_P | PTE_RW)), true);
+    const pd = BOOT_PD + i * 0x1000;
+    for (let j = 0; j < 512; j++) {
+      // (i << 30) | (j << 21) | P | RW | PS, written as two 32-bit halves.
+      const lo = (((i & 3) << 30) | (j << 21) | PTE_P | PTE_RW | PDE_PS) >>> 0;
+      v.setUint32(pd + j * 8, lo, true);
+      v.setUint32(pd + j * 8 + 4, i >>> 2, true);
+    }
+  }
+  low.set(image, BOOT_IMAGE);
+}
+
+// struct kvm_segment (24 bytes): base u64@0, limit u32@8, selector u16@12, type@14,
+// present@15, dpl@16, db@17, s@18, l@19, g@20, avl@21, unusable@22, padding@23.
+// kvm_sregs: cs@0 ds@24 es@48 fs@72 gs@96 ss@120 tr@144 ldt@168, gdt@192, idt@208
+// (kvm_dtable: base u64, limit u16), cr0@224 cr2@232 cr3@240 cr4@248 cr8@256 efer@264.
+const SREG_CS = 0;
+const SREG_DATA = [24, 48, 72, 96, 120]; // ds es fs gs ss
+const SREG_GDT = 192;
+const SREG_IDT = 208;
+const SREG_CR0 = 224;
+const SREG_CR3 = 240;
+const SREG_CR4 = 248;
+const SREG_EFER = 264;
+
+function setSegment(v: DataView, off: number, selector: number, type: number, db: number, l: number): void {
+  v.setBigUint64(off, 0n, true);
+  v.setUint32(off + 8, 0xffffffff, true);
+  v.setUint16(off + 12, selector, true);
+  v.setUint8(off + 14, type);
+  v.setUint8(off + 15, 1); // present
+  v.setUint8(off + 16, 0); // dpl
+  v.setUint8(off + 17, db);
+  v.setUint8(off + 18, 1); // s: code/data
+  v.setUint8(off + 19, l);
+  v.setUint8(off + 20, 1); // g
+  v.setUint8(off + 21, 0); // avl
+  v.setUint8(off + 22, 0); // unusable
+}
+
+/** Turns the kvm_sregs that KVM_GET_SREGS returned into the contract's long-mode state (tr, ldt, apic_base kept). */
+export function setBootSregs(v: DataView): void {
+  setSegment(v, SREG_CS, BOOT_CS, 0xb, 0, 1);
+  for (const off of SREG_DATA) setSegment(v, off, BOOT_DS, 0x3, 1, 0);
+  v.setBigUint64(SREG_GDT, BigInt(BOOT_GDT), true);
+  v.setUint16(SREG_GDT + 8, 3 * 8 - 1, true);
+  v.setBigUint64(SREG_IDT, 0n, true);
+  v.setUint16(SREG_IDT + 8, 0, true);
+  v.setBigUint64(SREG_CR0, BigInt(BOOT_CR0), true);
+  v.setBigUint64(SREG_CR0 + 8, 0n, true); // cr2
+  v.setBigUint64(SREG_CR3, BigInt(BOOT_PML4), true);
+  v.setBigUint64(SREG_CR4, BigInt(BOOT_CR4), true);
+  v.setBigUint64(SREG_CR4 + 8, 0n, true); // cr8
+  v.setBigUint64(SREG_EFER, BigInt(BOOT_EFER), true);
+}
+
+// struct kvm_regs: rax rbx rcx rdx rsi rdi rsp rbp r8..r15 (u64 each), rip@128, rflags@136.
+export const REG_NAMES = [
+  "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+  "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags",
+] as const;
+
+/** kvm_regs of the contract: everything 0 but rip, rsp and rflags (0x2: IF=0). */
+export function setBootRegs(v: DataView): void {
+  for (let off = 0; off < sys.KVM_REGS_SIZE; off += 8) v.setBigUint64(off, 0n, true);
+  v.setBigUint64(6 * 8, BigInt(BOOT_RSP), true);
+  v.setBigUint64(128, BigInt(BOOT_RIP), true);
+  v.setBigUint64(136, 2n, true);
+}
+
+/** kvm_regs and the interesting kvm_sregs fields as hex strings, for logs. */
+export function describeRegisters(regs: DataView, sregs: DataView): Record<string, string> {
+  const out: Record<string, string> = {};
+  REG_NAMES.forEach((name, i) => (out[name] = hex(regs.getBigUint64(i * 8, true))));
+  out.cs = hex(sregs.getUint16(SREG_CS + 12, true));
+  out.cr0 = hex(sregs.getBigUint64(SREG_CR0, true));
+  out.cr2 = hex(sregs.getBigUint64(SREG_CR0 + 8, true));
+  out.cr3 = hex(sregs.getBigUint64(SREG_CR3, true));
+  out.cr4 = hex(sregs.getBigUint64(SREG_CR4, true));
+  out.efer = hex(sregs.getBigUint64(SREG_EFER, true));
+  return out;
+}

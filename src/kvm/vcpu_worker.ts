@@ -1,0 +1,267 @@
+// The vCPU thread: a Worker entry point. Every vCPU ioctl (KVM_CREATE_VCPU, KVM_SET_CPUID2,
+// KVM_GET/SET_SREGS, KVM_SET_REGS, KVM_RUN) is issued here, on the thread that runs the
+// vCPU; KVM only requires that it be the VM's process. Talks to the main thread through
+// VcpuShared and an eventfd only (vcpu_shared.ts). Extra entry point of the compiled
+// binary: `bun build --compile ... src/main.ts src/kvm/vcpu_worker.ts` (see vcpu.ts).
+import * as sys from "../sys";
+import { describeRegisters, setBootRegs, setBootSregs } from "./boot";
+import { hex } from "./layout";
+import { Cnt, Ctl, type VcpuInit, type VcpuMessage, VcpuShared, VcpuStateCode } from "./vcpu_shared";
+
+declare const self: Worker;
+
+// Port I/O of the boot contract (docs/boot.md).
+const PORT_SERIAL = 0x3f8;
+const PORT_SERIAL_LSR = 0x3fd;
+const LSR_IDLE = 0x60; // THR empty, transmitter empty
+const PORT_EXIT = 0xf4;
+const KVM_EXIT_IO_IN = 0;
+
+/** How long one blocking wait lasts before flags are looked at again (ms). Blocking, never spinning. */
+const WAIT_MS = 50;
+
+class VcpuThread {
+  private readonly sh: VcpuShared;
+  private readonly ctl: Int32Array;
+  private readonly cnt: Float64Array;
+  private readonly encoder = new TextEncoder();
+  private vcpuFd = -1;
+  private runAddr = 0;
+  private run: Uint8Array | null = null;
+  private rv: DataView | null = null;
+
+  constructor(private readonly init: VcpuInit) {
+    this.sh = new VcpuShared(init.sab);
+    this.ctl = this.sh.ctl;
+    this.cnt = this.sh.cnt;
+  }
+
+  /** Wakes the main thread once per batch of output (it clears NOTIFY when it services us). */
+  private notify(): void {
+    if (Atomics.exchange(this.ctl, Ctl.NOTIFY, 1) === 0) {
+      try {
+        sys.writeCounter(this.init.eventFd, 1n);
+      } catch {
+        // EAGAIN: the counter is saturated, main is awake anyway.
+      }
+    }
+  }
+
+  private stopRequested(): boolean {
+    return Atomics.load(this.ctl, Ctl.STOP) !== 0;
+  }
+
+  /** Sends a log record to the main thread; waits for room, drops it when stopping. */
+  private message(m: VcpuMessage): void {
+    const line = this.encoder.encode(JSON.stringify(m, (_k, v) => (typeof v === "bigint" ? v.toString() : v)) + "\n");
+    if (line.byteLength > this.sh.messages.capacity) return;
+    for (;;) {
+      if (this.sh.messages.capacity - this.sh.messages.used() >= line.byteLength) {
+        this.sh.messages.push(line);
+        this.notify();
+        return;
+      }
+      this.notify();
+      if (this.stopRequested()) return;
+      Atomics.wait(this.ctl, Ctl.MSG_TAIL, this.sh.messages.tail(), WAIT_MS);
+    }
+  }
+
+  private serialByte(b: number): void {
+    while (!this.sh.serial.pushByte(b)) {
+      // Ring full: main is behind. Block (no spin) until it drains, unless we are stopping.
+      this.notify();
+      if (this.stopRequested()) {
+        Atomics.add(this.ctl, Ctl.SERIAL_DROPPED, 1);
+        return;
+      }
+      Atomics.wait(this.ctl, Ctl.SERIAL_TAIL, this.sh.serial.tail(), WAIT_MS);
+    }
+    this.notify();
+  }
+
+  private setState(code: number): void {
+    this.sh.set(Ctl.STATE, code);
+    this.notify();
+  }
+
+  private registers(): Record<string, string> {
+    try {
+      const regs = new DataView(new ArrayBuffer(sys.KVM_REGS_SIZE));
+      const sregs = new DataView(new ArrayBuffer(sys.KVM_SREGS_SIZE));
+      sys.ioctl(this.vcpuFd, sys.KVM_GET_REGS, regs, "KVM_GET_REGS");
+      sys.ioctl(this.vcpuFd, sys.KVM_GET_SREGS, sregs, "KVM_GET_SREGS");
+      return describeRegisters(regs, sregs);
+    } catch (e) {
+      return { registers: `unavailable: ${e}` };
+    }
+  }
+
+  setup(): void {
+    const { vmFd, vcpuId, mmapSize, cpuid } = this.init;
+    this.vcpuFd = sys.ioctl(vmFd, sys.KVM_CREATE_VCPU, vcpuId, "KVM_CREATE_VCPU");
+    this.runAddr = sys.mmap(0, mmapSize, sys.PROT_READ | sys.PROT_WRITE, sys.MAP_SHARED, this.vcpuFd, 0);
+    this.cnt[Cnt.KVM_RUN_ADDR] = this.runAddr;
+    this.sh.set(Ctl.MAPPED, 1);
+    this.run = sys.memoryView(this.runAddr, mmapSize);
+    this.rv = new DataView(this.run.buffer, this.run.byteOffset, this.run.byteLength);
+    // A copy: KVM_SET_CPUID2 reads the buffer; the structured clone gave us our own anyway.
+    sys.ioctl(this.vcpuFd, sys.KVM_SET_CPUID2, cpuid, "KVM_SET_CPUID2");
+    const sregs = new DataView(new ArrayBuffer(sys.KVM_SREGS_SIZE));
+    sys.ioctl(this.vcpuFd, sys.KVM_GET_SREGS, sregs, "KVM_GET_SREGS");
+    setBootSregs(sregs);
+    sys.ioctl(this.vcpuFd, sys.KVM_SET_SREGS, sregs, "KVM_SET_SREGS");
+    const regs = new DataView(new ArrayBuffer(sys.KVM_REGS_SIZE));
+    setBootRegs(regs);
+    sys.ioctl(this.vcpuFd, sys.KVM_SET_REGS, regs, "KVM_SET_REGS");
+  }
+
+  /** Runs the vCPU until HLT, a fatal exit, an exit request or STOP. */
+  loop(): void {
+    const run = this.run!;
+    const rv = this.rv!;
+    const cnt = this.cnt;
+    const fd = this.vcpuFd;
+    this.cnt[Cnt.RUNNING_SINCE] = performance.timeOrigin + performance.now();
+    this.setState(VcpuStateCode.running);
+    for (;;) {
+      if (this.stopRequested()) {
+        this.setState(VcpuStateCode.stopped);
+        return;
+      }
+      try {
+        sys.ioctl(fd, sys.KVM_RUN, 0, "KVM_RUN");
+      } catch (e) {
+        const errno = e instanceof sys.SysError ? e.errno : 0;
+        // EINTR: a signal or immediate_exit (stop() kicked us); EAGAIN: try again.
+        if (errno === sys.Errno.EINTR || errno === sys.Errno.EAGAIN) {
+          cnt[Cnt.INTERRUPTS]!++;
+          continue;
+        }
+        throw e;
+      }
+      cnt[Cnt.EXITS]!++;
+      const reason = rv.getUint32(sys.KVM_RUN_EXIT_REASON, true);
+      switch (reason) {
+        case sys.KVM_EXIT_MMIO: {
+          const len = rv.getUint32(sys.KVM_RUN_MMIO_LEN, true);
+          if (run[sys.KVM_RUN_MMIO_IS_WRITE] !== 0) {
+            cnt[Cnt.MMIO_WRITES]!++;
+          } else {
+            cnt[Cnt.MMIO_READS]!++;
+            run.fill(0xff, sys.KVM_RUN_MMIO_DATA, sys.KVM_RUN_MMIO_DATA + Math.min(len, 8));
+          }
+          break;
+        }
+        case sys.KVM_EXIT_IO: {
+          cnt[Cnt.IO_EXITS]!++;
+          if (this.io(run, rv)) return;
+          break;
+        }
+        case sys.KVM_EXIT_INTR:
+          break;
+        case sys.KVM_EXIT_HLT:
+          this.message({ level: "info", msg: "vcpu halted", fields: { rip: this.registers().rip, exits: cnt[Cnt.EXITS] } });
+          this.setState(VcpuStateCode.halted);
+          return;
+        case sys.KVM_EXIT_SHUTDOWN:
+          this.fatal("vcpu shutdown (triple fault)", reason, {});
+          return;
+        case sys.KVM_EXIT_INTERNAL_ERROR: {
+          const ndata = Math.min(rv.getUint32(sys.KVM_RUN_INTERNAL_SUBERROR + 4, true), 16);
+          const data: string[] = [];
+          for (let i = 0; i < ndata; i++) data.push(hex(rv.getBigUint64(sys.KVM_RUN_INTERNAL_SUBERROR + 8 + i * 8, true)));
+          this.fatal("vcpu internal error", reason, {
+            suberror: rv.getUint32(sys.KVM_RUN_INTERNAL_SUBERROR, true),
+            data: data.join(","),
+          });
+          return;
+        }
+        case sys.KVM_EXIT_FAIL_ENTRY:
+          this.fatal("vcpu entry failed", reason, {
+            hardware_entry_failure_reason: hex(rv.getBigUint64(sys.KVM_RUN_FAIL_ENTRY_REASON, true)),
+          });
+          return;
+        default:
+          this.fatal("vcpu exit vmemd does not handle", reason, {});
+          return;
+      }
+    }
+  }
+
+  private fatal(msg: string, reason: number, fields: Record<string, unknown>): void {
+    this.message({ level: "error", msg, fields: { exit_reason: reason, ...fields, ...this.registers(), exits: this.cnt[Cnt.EXITS] } });
+    this.setState(VcpuStateCode.stopped);
+  }
+
+  /** One KVM_EXIT_IO; true when the run loop must end (exit request). */
+  private io(run: Uint8Array, rv: DataView): boolean {
+    const dir = run[sys.KVM_RUN_IO_DIRECTION]!;
+    const size = run[sys.KVM_RUN_IO_SIZE]!;
+    const port = rv.getUint16(sys.KVM_RUN_IO_PORT, true);
+    const count = rv.getUint32(sys.KVM_RUN_IO_COUNT, true);
+    const off = Number(rv.getBigUint64(sys.KVM_RUN_IO_DATA_OFFSET, true));
+    if (dir === KVM_EXIT_IO_IN) {
+      // All ones, except the serial line status register, which says "ready".
+      run.fill(0xff, off, off + size * count);
+      if (port === PORT_SERIAL_LSR) for (let i = 0; i < count; i++) run[off + i * size] = LSR_IDLE;
+      return false;
+    }
+    if (port === PORT_SERIAL) {
+      for (let i = 0; i < count; i++) this.serialByte(run[off + i * size]!);
+      return false;
+    }
+    if (port === PORT_EXIT) {
+      const status = run[off]!;
+      Atomics.store(this.ctl, Ctl.EXIT_STATUS, status);
+      this.sh.set(Ctl.EXIT_REQUEST, 1);
+      this.message({ level: "info", msg: "guest asked vmemd to exit", fields: { status } });
+      this.setState(VcpuStateCode.stopped);
+      return true;
+    }
+    return false;
+  }
+
+  /** After the loop: wait (blocking) until main is done kicking, then release everything. */
+  finish(): void {
+    this.sh.set(Ctl.LOOP_DONE, 1);
+    this.notify();
+    while (Atomics.load(this.ctl, Ctl.RELEASE) === 0) Atomics.wait(this.ctl, Ctl.RELEASE, 0, 1000);
+    this.sh.set(Ctl.MAPPED, 0);
+    if (this.runAddr !== 0) {
+      try {
+        sys.munmap(this.runAddr, this.init.mmapSize);
+      } catch {}
+      this.runAddr = 0;
+      this.run = null;
+      this.rv = null;
+    }
+    if (this.vcpuFd !== -1) {
+      try {
+        sys.close(this.vcpuFd);
+      } catch {}
+      this.vcpuFd = -1;
+    }
+    this.sh.set(Ctl.CLOSED, 1);
+    this.notify();
+  }
+
+  main(): void {
+    this.sh.set(Ctl.TID, sys.gettid());
+    try {
+      // SIGTERM and SIGINT belong to the main thread's handlers, never to this thread.
+      sys.blockSignals(this.init.blockSignals);
+      this.setup();
+      this.loop();
+    } catch (e) {
+      this.message({ level: "error", msg: "vcpu failed", fields: { error: String(e) } });
+      this.setState(VcpuStateCode.stopped);
+    } finally {
+      this.finish();
+    }
+  }
+}
+
+self.onmessage = (e: MessageEvent<VcpuInit>) => {
+  new VcpuThread(e.data).main();
+};
