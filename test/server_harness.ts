@@ -42,6 +42,7 @@ export class VmemdProcess {
         break;
       } catch {}
       if (p.proc.exitCode !== null || Date.now() > deadline) {
+        p.proc.kill("SIGKILL");
         throw new Error(`vmemd did not come up (exit ${p.proc.exitCode}): ${p.stderrText}`);
       }
       await Bun.sleep(10);
