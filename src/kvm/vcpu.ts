@@ -176,6 +176,11 @@ export class Vcpu {
       }
     }
     const state = this.sh.state();
+    if (this.lastState === "starting" && state !== "starting" && state !== "running" && this.runningSince > 0) {
+      // It ran and already halted or stopped before we looked: report "running" first.
+      this.lastState = "running";
+      this.opts.onState?.("running");
+    }
     if (state !== this.lastState) {
       this.lastState = state;
       this.opts.onState?.(state);

@@ -213,9 +213,10 @@ class VcpuThread {
     }
     if (port === PORT_EXIT) {
       const status = run[off]!;
+      // The record first, so main logs it before it acts on the request.
+      this.message({ level: "info", msg: "guest asked vmemd to exit", fields: { status } });
       Atomics.store(this.ctl, Ctl.EXIT_STATUS, status);
       this.sh.set(Ctl.EXIT_REQUEST, 1);
-      this.message({ level: "info", msg: "guest asked vmemd to exit", fields: { status } });
       this.setState(VcpuStateCode.stopped);
       return true;
     }

@@ -2,12 +2,23 @@
 // All numbers are from include/uapi/linux/kvm.h (KVMIO = 0xAE) for x86_64.
 import type { Pointer } from "bun:ffi";
 import { libc } from "./libc";
-import { check, checkFault } from "./error";
+import { checkFault, lastErrno, SysError } from "./error";
 
-/** ioctl with a struct argument (a typed array) or an integer argument. */
+const EINTR = 4;
+
+/**
+ * ioctl with a struct argument (a typed array) or an integer argument, retried when a
+ * signal interrupts it (KVM_CREATE_VM and slot updates can return EINTR). KVM_RUN is
+ * not issued through here: its EINTR means "look at the stop flag".
+ */
 export function ioctl(fd: number, request: number, arg: ArrayBufferView | number, name: string): number {
   checkFault(name);
-  return check(name, libc.ioctl(fd, request, arg as unknown as Pointer));
+  for (;;) {
+    const rc = libc.ioctl(fd, request, arg as unknown as Pointer);
+    if (rc !== -1) return rc;
+    const errno = lastErrno();
+    if (errno !== EINTR) throw new SysError(name, errno);
+  }
 }
 
 // _IO(KVMIO, n)
