@@ -198,7 +198,10 @@ int main(int argc, char **argv) {
     uint64_t inflight = argc == 5 ? parse_count(argv[4], "INFLIGHT") : 32;
 
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
-    if (strlen(path) >= sizeof addr.sun_path) fail("socket path too long");
+    if (strlen(path) >= sizeof addr.sun_path) {
+        fprintf(stderr, "echo_client: socket path too long\n");
+        return 2;
+    }
     memcpy(addr.sun_path, path, strlen(path) + 1);
     signal(SIGPIPE, SIG_IGN);
     int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);

@@ -41,7 +41,9 @@ export function attachGuest(
   try {
     size = statSync(opts.guestPath).size;
   } catch (e) {
-    throw new sys.SysError(`--guest ${opts.guestPath}: ${(e as Error).message}`, sys.Errno.ENOENT);
+    const code = (e as NodeJS.ErrnoException).code ?? "";
+    const errno = code in sys.Errno ? sys.Errno[code as sys.ErrnoName] : sys.Errno.EIO;
+    throw new sys.SysError(`--guest ${opts.guestPath}`, errno);
   }
   checkBootImage(size, vm.ramSize, `--guest ${opts.guestPath}`);
   const image = readFileSync(opts.guestPath);

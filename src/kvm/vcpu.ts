@@ -21,6 +21,7 @@ import {
   type VcpuInit,
   type VcpuMessage,
   VcpuShared,
+  VcpuStateCode,
   type VcpuStateName,
 } from "./vcpu_shared";
 
@@ -99,6 +100,9 @@ export class Vcpu {
         blockSignals: [sys.SIGINT, sys.SIGTERM],
       };
       this.worker = new Worker(vcpuWorkerPath());
+      // The Worker reports through the shared buffer; this only catches a Worker that
+      // failed before running our code (a load error). Delivered when main's loop turns.
+      this.worker.addEventListener("error", (ev) => this.workerFailed(ev));
       this.worker.postMessage(init);
     } catch (e) {
       sys.close(this.eventFd);
@@ -188,6 +192,16 @@ export class Vcpu {
     if (!this.exitReported && this.sh.get(Ctl.EXIT_REQUEST)) {
       this.exitReported = true;
       this.opts.onExitRequest?.(this.sh.get(Ctl.EXIT_STATUS));
+    }
+  }
+
+  private workerFailed(ev: ErrorEvent): void {
+    this.opts.onMessage?.({ level: "error", msg: "vcpu worker failed", fields: { error: ev.message } });
+    if (this.sh.get(Ctl.TID) === 0) {
+      // It never ran: nothing to release. Say so for summary() and stop().
+      this.sh.set(Ctl.STATE, VcpuStateCode.stopped);
+      this.sh.set(Ctl.LOOP_DONE, 1);
+      this.sh.set(Ctl.CLOSED, 1);
     }
   }
 

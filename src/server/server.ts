@@ -49,6 +49,8 @@ export const DEFAULT_SERVER_OPTIONS = {
 
 /** Packets read from one connection per wake-up before others get a turn. */
 const READ_BUDGET = 64;
+/** Packets per recvmmsg. */
+const RECV_BATCH = 16;
 const READ_EVENTS = sys.EPOLLIN | sys.EPOLLRDHUP;
 const WRITE_EVENTS = sys.EPOLLOUT | sys.EPOLLRDHUP;
 
@@ -87,7 +89,12 @@ export type FdHandler = (events: number) => void;
 
 export class Server {
   private readonly epoll = new sys.Epoll(256);
-  private readonly io = new sys.PacketIo(MAX_PACKET);
+  /** Single sends, for draining an outbox. */
+  private readonly io = new sys.PacketIo(16);
+  private readonly rx = new sys.BatchReceiver(RECV_BATCH, MAX_PACKET);
+  private readonly tx = new sys.BatchSender(READ_BUDGET, 256 * 1024);
+  /** The connection whose responses are in `tx`. */
+  private txConn: Connection | null = null;
   private readonly conns = new Map<number, Connection>();
   private readonly handlers = new Map<number, FdHandler>();
   /** Which connection registered each live region (for per-connection limits and release). */
@@ -181,6 +188,10 @@ export class Server {
       if (events & sys.EPOLLOUT) this.flush(conn);
       if (this.conns.has(fd) && events & (sys.EPOLLIN | sys.EPOLLRDHUP | sys.EPOLLHUP | sys.EPOLLERR)) this.readAll(conn, events);
     } catch (e) {
+      if (this.txConn === conn) {
+        this.tx.clear();
+        this.txConn = null;
+      }
       const errno = e instanceof sys.SysError ? e.errno : 0;
       // A peer that hangs up with responses owed is a disconnect, not a failure.
       if (errno !== sys.Errno.EPIPE && errno !== sys.Errno.ECONNRESET) {
@@ -227,40 +238,54 @@ export class Server {
     }
   }
 
+  /**
+   * Reads and answers what the connection has ready: packets come in batches (one
+   * recvmmsg), their responses leave in one sendmmsg per batch.
+   */
   private readAll(conn: Connection, events: number): void {
-    for (let budget = READ_BUDGET; budget > 0; budget--) {
-      if (conn.outbox.length > 0) return; // throttled until its responses drain
-      const len = this.io.recv(conn.fd);
-      if (len === -1) {
+    let budget = READ_BUDGET;
+    while (budget > 0 && conn.outbox.length === 0) {
+      const want = Math.min(RECV_BATCH, budget);
+      const n = this.rx.recv(conn.fd, want);
+      if (n === -1) {
         if (events & (sys.EPOLLHUP | sys.EPOLLERR)) this.disconnect(conn);
         return;
       }
-      if (len === 0 && this.io.fds.length === 0 && this.io.flags === 0) {
-        // End of stream, or an empty packet: only a hang-up tells them apart.
-        if (sys.pollOne(conn.fd, sys.POLLRDHUP, 0) & (sys.POLLRDHUP | sys.POLLHUP)) return this.disconnect(conn);
-        this.respond(conn, errResponse(failure("EINVAL", "empty packet").context("malformed packet")));
-        return;
+      budget -= n;
+      for (let i = 0; i < n; i++) {
+        const len = this.rx.length(i);
+        const fds = this.rx.fds(i);
+        const flags = this.rx.flags(i);
+        if (len === 0 && fds.length === 0 && flags === 0) {
+          // End of stream, or an empty packet: only a hang-up tells them apart.
+          if (sys.pollOne(conn.fd, sys.POLLRDHUP, 0) & (sys.POLLRDHUP | sys.POLLHUP)) {
+            this.flushBatch(conn);
+            return this.disconnect(conn);
+          }
+          this.respond(conn, errResponse(failure("EINVAL", "empty packet").context("malformed packet")));
+          continue;
+        }
+        this.handlePacket(conn, this.rx.body(i), len, flags, fds);
       }
-      this.handlePacket(conn, len, this.io.fds);
-      if (!this.conns.has(conn.fd)) return;
+      this.flushBatch(conn);
+      if (n < want) return; // drained: no need for a call that would say EAGAIN
     }
   }
 
   /** One packet. `fds` belong to this call until handed to a pending request; every other path closes them. */
-  private handlePacket(conn: Connection, len: number, fds: number[]): void {
+  private handlePacket(conn: Connection, body: Uint8Array, len: number, flags: number, fds: number[]): void {
     let owned: number[] = fds;
     conn.requests++;
     try {
-      if (this.io.flags & sys.MSG_TRUNC || len > this.opts.maxPacket) {
+      if (flags & sys.MSG_TRUNC || len > this.opts.maxPacket) {
         throw failure("EINVAL", `packet larger than ${this.opts.maxPacket} bytes`).context("malformed packet");
       }
       if (fds.length > this.opts.maxFdsPerPacket) {
         throw failure("EINVAL", `${fds.length} descriptors in one packet; the limit is ${this.opts.maxFdsPerPacket}`).context("malformed packet");
       }
-      if (this.io.flags & sys.MSG_CTRUNC) {
+      if (flags & sys.MSG_CTRUNC) {
         throw failure("EINVAL", `more than ${sys.SCM_MAX_FD} descriptors in one packet`).context("malformed packet");
       }
-      const body = this.io.body.subarray(0, len);
       if (conn.pending !== null) {
         owned = [];
         return this.handleChunk(conn, body, fds);
@@ -379,12 +404,41 @@ export class Server {
     for (const fd of requestDescriptors(req)) closeQuietly(fd);
   }
 
+  /** Queues a response in the send batch; flushBatch sends it. */
   private respond(conn: Connection, resp: VmMemoryResponse): void {
-    const bytes = encodeResponse(resp);
-    if (conn.outbox.length === 0 && this.io.send(conn.fd, bytes)) return;
-    // The encoder reuses its buffer: keep a copy. Reading stops until the outbox drains.
-    if (conn.outbox.length === 0) this.epoll.modify(conn.fd, WRITE_EVENTS);
-    conn.outbox.push(bytes.slice());
+    let bytes = encodeResponse(resp);
+    if (bytes.byteLength > MAX_PACKET) {
+      const what = typeof resp === "object" ? Object.keys(resp)[0] : resp;
+      bytes = encodeResponse(errResponse(failure("EMSGSIZE", `the ${what} response is ${bytes.byteLength} bytes, more than a packet holds (${MAX_PACKET})`)));
+    }
+    if (conn.outbox.length > 0) {
+      conn.outbox.push(bytes.slice());
+      return;
+    }
+    if (this.txConn !== conn && this.tx.count > 0) this.flushBatch(this.txConn!);
+    this.txConn = conn;
+    if (!this.tx.add(bytes)) {
+      this.flushBatch(conn);
+      if (conn.outbox.length > 0 || !this.tx.add(bytes)) conn.outbox.push(bytes.slice());
+      this.txConn = conn;
+    }
+  }
+
+  /** Sends the batch; what the socket cannot take waits in the outbox, and reading stops (throttle). */
+  private flushBatch(conn: Connection): void {
+    if (this.tx.count === 0) return;
+    const count = this.tx.count;
+    let sent = 0;
+    try {
+      sent = this.tx.send(conn.fd);
+      if (sent < count) {
+        if (conn.outbox.length === 0) this.epoll.modify(conn.fd, WRITE_EVENTS);
+        for (let i = sent; i < count; i++) conn.outbox.push(this.tx.packet(i).slice());
+      }
+    } finally {
+      this.tx.clear();
+      this.txConn = null;
+    }
   }
 
   private flush(conn: Connection): void {

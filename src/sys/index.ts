@@ -6,3 +6,4 @@ export * from "./ioctl";
 export * from "./socket";
 export * from "./epoll";
 export * from "./thread";
+export * from "./batch";

@@ -34,6 +34,8 @@ export const libc = dlopen("libc.so.6", {
   connect: { args: [i32, ptr, u32], returns: i32 },
   recvmsg: { args: [i32, ptr, i32], returns: i64_fast },
   sendmsg: { args: [i32, ptr, i32], returns: i64_fast },
+  recvmmsg: { args: [i32, ptr, u32, i32, ptr], returns: i32 },
+  sendmmsg: { args: [i32, ptr, u32, i32], returns: i32 },
   getsockopt: { args: [i32, i32, i32, ptr, ptr], returns: i32 },
   shutdown: { args: [i32, i32], returns: i32 },
   pipe2: { args: [ptr, i32], returns: i32 },

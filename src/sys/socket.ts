@@ -28,8 +28,8 @@ export const SHUT_RDWR = 2;
 
 /** The kernel's SCM_MAX_FD: descriptors one packet can carry. */
 export const SCM_MAX_FD = 253;
-const EAGAIN = 11;
-const EINTR = 4;
+export const EAGAIN = 11;
+export const EINTR = 4;
 
 function sockaddrUn(path: string): Buffer {
   const bytes = Buffer.from(path);
@@ -106,10 +106,28 @@ export function shutdown(fd: number): void {
   libc.shutdown(fd, SHUT_RDWR);
 }
 
+const NO_FDS: readonly number[] = Object.freeze([]);
+
+/** The descriptors of every SCM_RIGHTS message in a received control buffer. */
+export function parseRights(v: DataView, base: number, controlLen: number): number[] {
+  if (controlLen === 0) return NO_FDS as number[];
+  const fds: number[] = [];
+  let off = 0;
+  while (off + CMSG_HDR <= controlLen) {
+    const len = Number(v.getBigUint64(base + off, true));
+    if (len < CMSG_HDR) break;
+    if (v.getInt32(base + off + 8, true) === SOL_SOCKET && v.getInt32(base + off + 12, true) === SCM_RIGHTS) {
+      for (let p = off + CMSG_HDR; p + 4 <= off + len; p += 4) fds.push(v.getInt32(base + p, true));
+    }
+    off += (len + 7) & ~7;
+  }
+  return fds;
+}
+
 // struct msghdr (56 B): name@0, namelen@8, iov@16, iovlen@24, control@32, controllen@40, flags@48.
 // struct cmsghdr: len u64@0, level i32@8, type i32@12, data@16; each padded to 8.
-const CMSG_HDR = 16;
-const CONTROL_SIZE = CMSG_HDR + ((SCM_MAX_FD * 4 + 7) & ~7);
+export const CMSG_HDR = 16;
+export const CONTROL_SIZE = CMSG_HDR + ((SCM_MAX_FD * 4 + 7) & ~7);
 
 /**
  * Reusable buffers for one socket endpoint's recvmsg/sendmsg. The pointers stored
@@ -166,24 +184,8 @@ export class PacketIo {
       throw new SysError("recvmsg", errno);
     }
     this.flags = this.recvHdr.getInt32(48, true);
-    this.fds = this.parseRights(Number(this.recvHdr.getBigUint64(40, true)));
+    this.fds = parseRights(this.recvControlView, 0, Number(this.recvHdr.getBigUint64(40, true)));
     return n;
-  }
-
-  private parseRights(controlLen: number): number[] {
-    if (controlLen === 0) return [];
-    const fds: number[] = [];
-    const v = this.recvControlView;
-    let off = 0;
-    while (off + CMSG_HDR <= controlLen) {
-      const len = Number(v.getBigUint64(off, true));
-      if (len < CMSG_HDR) break;
-      if (v.getInt32(off + 8, true) === SOL_SOCKET && v.getInt32(off + 12, true) === SCM_RIGHTS) {
-        for (let p = off + CMSG_HDR; p + 4 <= off + len; p += 4) fds.push(v.getInt32(p, true));
-      }
-      off += (len + 7) & ~7;
-    }
-    return fds;
   }
 
   /** Sends one packet: true when sent, false when the socket would block. */
