@@ -120,22 +120,24 @@ export interface DescriptorSlot {
  * Every descriptor field of a request, in a fixed order. The protocol layer uses it to
  * resolve SCM_RIGHTS indices; owners use it to close every descriptor on every path.
  */
+const NO_SLOTS: DescriptorSlot[] = [];
+
 export function descriptorSlots(req: VmMemoryRequest): DescriptorSlot[] {
-  if (typeof req === "string") return [];
+  if (typeof req === "string") return NO_SLOTS;
   const at = (holder: object, key: string): DescriptorSlot => ({ holder: holder as Record<string, unknown>, key });
   if ("RegisterMemory" in req) {
     const s = req.RegisterMemory.source;
     if ("SharedMemory" in s) return [at(s.SharedMemory, "descriptor")];
     if ("Descriptor" in s) return [at(s.Descriptor, "descriptor")];
     if ("Vulkan" in s) return [at(s.Vulkan, "descriptor")];
-    return [];
+    return NO_SLOTS;
   }
   if ("MmapAndRegisterMemory" in req) {
     const m = req.MmapAndRegisterMemory;
     return [at(m.shm, "descriptor"), ...(m.file_mappings ?? []).map((f) => at(f, "file"))];
   }
   if ("IoEventRaw" in req) return [at(req.IoEventRaw, "event")];
-  return [];
+  return NO_SLOTS;
 }
 
 export function requestDescriptors(req: VmMemoryRequest): Fd[] {

@@ -11,7 +11,30 @@ export const MAX_PACKET = 65536;
 // One reused Encoder/Decoder each (BUN_NOTES.md: ~0.9 µs encode+decode when reused).
 // useBigInt64: uint 64 / int 64 decode as BigInt and BigInts encode as uint 64 / int 64.
 const encoder = new Encoder({ useBigInt64: true, initialBufferSize: 4096 });
-const decoder = new Decoder({ useBigInt64: true, maxStrLength: MAX_PACKET, maxBinLength: MAX_PACKET });
+/**
+ * Map keys repeat in every packet ("BalloonTargetReached", "descriptor", ...). The library's
+ * own key cache stops at 16 bytes, shorter than most variant names: this one keeps keys up
+ * to 32 bytes, a few per length, compared byte by byte.
+ */
+class KeyCache {
+  private readonly byLength: { bytes: Uint8Array; key: string }[][] = Array.from({ length: 33 }, () => []);
+  private readonly utf8 = new TextDecoder();
+  canBeCached(byteLength: number): boolean {
+    return byteLength > 0 && byteLength <= 32;
+  }
+  decode(bytes: Uint8Array, offset: number, byteLength: number): string {
+    const bucket = this.byLength[byteLength]!;
+    outer: for (const e of bucket) {
+      for (let i = 0; i < byteLength; i++) if (e.bytes[i] !== bytes[offset + i]) continue outer;
+      return e.key;
+    }
+    const key = this.utf8.decode(bytes.subarray(offset, offset + byteLength));
+    if (bucket.length < 16) bucket.push({ bytes: bytes.slice(offset, offset + byteLength), key });
+    return key;
+  }
+}
+
+const decoder = new Decoder({ useBigInt64: true, maxStrLength: MAX_PACKET, maxBinLength: MAX_PACKET, keyDecoder: new KeyCache() });
 
 /**
  * Rewrites integers of 2^32 and above as BigInt, in place, so they go out as uint 64
@@ -81,6 +104,7 @@ export function parseRequest(value: unknown): VmMemoryRequest {
  * who owns `fds`, closes them all.
  */
 export function resolveDescriptors(holders: { holder: Record<string, unknown>; key: string }[], fds: readonly number[]): void {
+  if (holders.length === 0 && fds.length === 0) return;
   const used = new Uint8Array(fds.length);
   for (const { holder, key } of holders) {
     const index = holder[key] as number;

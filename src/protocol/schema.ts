@@ -7,15 +7,24 @@ import type * as M from "../memory/request";
 const MAX_SAFE = Number.MAX_SAFE_INTEGER;
 const U64_MAX = 2n ** 64n - 1n;
 
-/** An unsigned integer of any MessagePack width up to `max`; a number when it fits in 2^53, else a bigint. */
+/**
+ * An unsigned integer of any MessagePack width up to `max` (uint 64 decodes as a bigint).
+ * A value that fits in 2^53 comes out as a number, a larger one as a bigint. The number
+ * branch comes first and needs no conversion: the common case allocates nothing.
+ */
 function uint(max: bigint) {
-  return z
-    .union([z.number().int().min(0), z.bigint().min(0n).max(max)])
-    .refine((v) => BigInt(v) <= max, { message: `must be at most ${max}` })
-    .transform((v): number | bigint => (typeof v === "bigint" && v <= BigInt(MAX_SAFE) ? Number(v) : v));
+  const numberMax = max < BigInt(MAX_SAFE) ? Number(max) : MAX_SAFE;
+  return z.union([
+    z.number().int().min(0).max(numberMax),
+    z
+      .bigint()
+      .min(0n)
+      .max(max)
+      .transform((v): number | bigint => (v <= BigInt(MAX_SAFE) ? Number(v) : v)),
+  ]);
 }
 function small(max: number) {
-  return uint(BigInt(max)).transform((v) => Number(v));
+  return z.union([z.number().int().min(0).max(max), z.bigint().min(0n).max(BigInt(max)).transform(Number)]);
 }
 export const u8 = small(0xff);
 export const u32 = small(0xffff_ffff);

@@ -268,7 +268,8 @@ export class Server {
         this.handlePacket(conn, this.rx.body(i), len, flags, fds);
       }
       this.flushBatch(conn);
-      if (n < want) return; // drained: no need for a call that would say EAGAIN
+      // Loop until EAGAIN even after a short batch: a client woken by our responses often
+      // has its next request queued by the time sendmmsg returns (one CPU, or pipelining).
     }
   }
 
