@@ -1,9 +1,9 @@
 // MessagePack codec and descriptor indices (PROTOCOL.md, "Transport", "Value shapes").
 import { Decoder, Encoder } from "@msgpack/msgpack";
-import type { z } from "zod";
+import type * as z from "zod/mini";
 import { failure, VmMemoryError } from "../memory/error";
 import { descriptorSlots, type VmMemoryFileMapping, type VmMemoryRequest, type VmMemoryResponse } from "../memory/request";
-import { fileMappingChunk, requestPayloads, response as responseSchema, unitRequests } from "./schema";
+import { schemas } from "./schema";
 
 /** The largest packet body either side sends or accepts. */
 export const MAX_PACKET = 65536;
@@ -68,11 +68,63 @@ export function decodeValue(body: Uint8Array): unknown {
   }
 }
 
-function schemaError(what: string, err: z.ZodError, prefix?: string): VmMemoryError {
-  const issue = err.issues[0]!;
-  const parts = [...(prefix === undefined ? [] : [prefix]), ...issue.path.map(String)];
-  const path = parts.length > 0 ? parts.join(".") : "(top level)";
-  return new VmMemoryError(22, `${path}: ${issue.message}`).context(`malformed ${what}`);
+type Issue = z.core.$ZodIssue;
+const MISSING = Symbol("missing");
+
+function at(value: unknown, path: readonly PropertyKey[]): unknown {
+  let v = value;
+  for (const k of path) {
+    if (typeof v !== "object" || v === null || !Object.hasOwn(v, k)) return MISSING;
+    v = (v as Record<PropertyKey, unknown>)[k];
+  }
+  return v;
+}
+
+/**
+ * The most telling issue. Inside a union (an externally tagged enum), the branch whose
+ * tag the value carries; a branch that only says its tag is missing tells nothing.
+ */
+function deepest(issue: Issue, value: unknown, base: readonly PropertyKey[]): { path: PropertyKey[]; issue: Issue } {
+  const path = [...base, ...issue.path];
+  if (issue.code !== "invalid_union" || issue.errors.length === 0) return { path, issue };
+  let best: { path: PropertyKey[]; issue: Issue } | undefined;
+  for (const branch of issue.errors) {
+    if (branch.length === 0) continue;
+    const d = deepest(branch[0]!, value, path);
+    if (d.path.length > path.length && at(value, d.path.slice(0, path.length + 1)) === MISSING) continue; // its tag is not there
+    if (best === undefined || d.path.length > best.path.length) best = d;
+  }
+  return best ?? { path, issue };
+}
+
+function describe(issue: Issue, value: unknown): string {
+  if (value === MISSING) return "is missing";
+  switch (issue.code) {
+    case "invalid_type":
+      return `expected ${issue.expected}`;
+    case "too_small":
+      return issue.origin === "array" ? `needs at least ${issue.minimum} elements` : `must be at least ${issue.minimum}`;
+    case "too_big":
+      return issue.origin === "array" ? `takes at most ${issue.maximum} elements` : `must be at most ${issue.maximum}`;
+    case "unrecognized_keys":
+      return `unknown key${issue.keys.length > 1 ? "s" : ""} ${issue.keys.map((k) => JSON.stringify(k)).join(", ")}`;
+    case "invalid_value":
+      return `must be one of ${issue.values.map((v) => JSON.stringify(v)).join(", ")}`;
+    case "invalid_union": {
+      // No branch's tag is present: name the tags that would be.
+      const tags = issue.errors.flatMap((b) => (b[0] !== undefined && b[0].path.length > 0 ? [String(b[0].path[0])] : []));
+      return tags.length > 0 ? `expected one of ${tags.join(", ")}` : "matches none of the allowed shapes";
+    }
+    default:
+      return issue.message;
+  }
+}
+
+function schemaError(what: string, err: z.core.$ZodError, value: unknown, prefix?: string): VmMemoryError {
+  const { path, issue } = deepest(err.issues[0]!, value, []);
+  const parts = [...(prefix === undefined ? [] : [prefix]), ...path.map(String)];
+  const where = parts.length > 0 ? parts.join(".") : "(top level)";
+  return new VmMemoryError(22, `${where}: ${describe(issue, at(value, path))}`).context(`malformed ${what}`);
 }
 
 function isPlainMap(v: unknown): v is Record<string, unknown> {
@@ -81,6 +133,7 @@ function isPlainMap(v: unknown): v is Record<string, unknown> {
 
 /** A decoded value as a typed request, with descriptor indices still in the descriptor fields. */
 export function parseRequest(value: unknown): VmMemoryRequest {
+  const { requestPayloads, unitRequests } = schemas();
   if (typeof value === "string") {
     if ((unitRequests as readonly string[]).includes(value)) return value as VmMemoryRequest;
     throw failure("EINVAL", `unknown request variant "${value}"`).context("malformed request");
@@ -94,7 +147,7 @@ export function parseRequest(value: unknown): VmMemoryRequest {
   const schema = requestPayloads[variant as keyof typeof requestPayloads];
   if (schema === undefined) throw failure("EINVAL", `unknown request variant "${variant}"`).context("malformed request");
   const parsed = schema.safeParse(value[variant]);
-  if (!parsed.success) throw schemaError("request", parsed.error, variant);
+  if (!parsed.success) throw schemaError("request", parsed.error, value[variant], variant);
   return { [variant]: parsed.data } as VmMemoryRequest;
 }
 
@@ -129,8 +182,9 @@ export function decodeRequest(body: Uint8Array, fds: readonly number[]): VmMemor
 
 /** Decodes one MmapAndRegisterMemory follow-up packet. */
 export function decodeFileMappings(body: Uint8Array, fds: readonly number[]): VmMemoryFileMapping[] {
-  const parsed = fileMappingChunk.safeParse(decodeValue(body));
-  if (!parsed.success) throw schemaError("file mapping chunk", parsed.error);
+  const value = decodeValue(body);
+  const parsed = schemas().fileMappingChunk.safeParse(value);
+  if (!parsed.success) throw schemaError("file mapping chunk", parsed.error, value);
   const mappings = parsed.data as VmMemoryFileMapping[];
   resolveDescriptors(
     mappings.map((m) => ({ holder: m as unknown as Record<string, unknown>, key: "file" })),
@@ -145,7 +199,8 @@ export function encodeResponse(resp: VmMemoryResponse): Uint8Array {
 
 /** Client side: a response packet as a typed response (a malformed one throws). */
 export function decodeResponse(body: Uint8Array): VmMemoryResponse {
-  const parsed = responseSchema.safeParse(decodeValue(body));
-  if (!parsed.success) throw schemaError("response", parsed.error);
+  const value = decodeValue(body);
+  const parsed = schemas().response.safeParse(value);
+  if (!parsed.success) throw schemaError("response", parsed.error, value);
   return parsed.data as VmMemoryResponse;
 }
