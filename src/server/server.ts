@@ -1,7 +1,6 @@
 // The socket server: an AF_UNIX SOCK_SEQPACKET listener and an epoll loop on the
 // main thread. It knows sockets, ordering and descriptor ownership, not memory
 // semantics: every request goes to memory's execute().
-import { chmodSync, lstatSync, unlinkSync } from "node:fs";
 import * as sys from "../sys";
 import { execute, type ExecContext, VmMemoryError, failure } from "../memory";
 import type { RegionId } from "../memory/region_state";
@@ -119,19 +118,18 @@ export class Server {
   /** Binds the socket: a stale socket file is replaced, a live one (a server answers) is an error. */
   listen(): void {
     const path = this.opts.socketPath;
-    let st: ReturnType<typeof lstatSync> | undefined;
-    try {
-      st = lstatSync(path);
-    } catch {}
-    if (st !== undefined) {
-      if (!st.isSocket()) throw new sys.SysError(`${path} exists and is not a socket; refusing to replace it`, sys.Errno.EEXIST);
+    const mode = sys.lstatMode(path);
+    if (mode !== null) {
+      if ((mode & sys.S_IFMT) !== sys.S_IFSOCK) {
+        throw new sys.SysError(`${path} exists and is not a socket; refusing to replace it`, sys.Errno.EEXIST);
+      }
       let live = false;
       try {
         sys.close(sys.connectSeqpacket(path));
         live = true;
       } catch {}
       if (live) throw new sys.SysError(`another server is answering on ${path}`, sys.Errno.EADDRINUSE);
-      unlinkSync(path);
+      sys.unlink(path);
       this.opts.log.info("replaced a stale socket file", { path });
     }
     // Create the file with the final mode: no window where others could connect.
@@ -141,7 +139,7 @@ export class Server {
     } finally {
       process.umask(oldMask);
     }
-    chmodSync(path, this.opts.socketMode);
+    sys.chmod(path, this.opts.socketMode);
     this.epoll.add(this.listener, sys.EPOLLIN);
     this.reserveFd = openReserve();
   }
@@ -474,7 +472,7 @@ export class Server {
       closeQuietly(this.listener);
       this.listener = -1;
       try {
-        unlinkSync(this.opts.socketPath);
+        sys.unlink(this.opts.socketPath);
       } catch {}
     }
     this.epoll.close();

@@ -1,6 +1,5 @@
 // Descriptors: open/close/read/write, memfd, eventfd, fstat, fcntl, rlimits.
 import { libc } from "./libc";
-import { readdirSync } from "node:fs";
 import { check, checkFault, lastErrno, SysError } from "./error";
 
 // asm-generic/fcntl.h, linux/memfd.h, sys/eventfd.h, asm-generic/resource.h
@@ -107,6 +106,24 @@ export function fstat(fd: number): Stat {
   };
 }
 
+/** st_mode of `path` itself (not a symlink's target), or null when nothing is there. */
+export function lstatMode(path: string): number | null {
+  if (libc.lstat(cstr(path), statBuf) === -1) {
+    const errno = lastErrno();
+    if (errno === 2 /* ENOENT */) return null;
+    throw new SysError(`lstat(${path})`, errno);
+  }
+  return statView.getUint32(24, true);
+}
+
+export function unlink(path: string): void {
+  check(`unlink(${path})`, libc.unlink(cstr(path)));
+}
+
+export function chmod(path: string, mode: number): void {
+  check(`chmod(${path})`, libc.chmod(cstr(path), mode));
+}
+
 /** eventfd counters are 8-byte reads; returns 0 when nothing is pending (EAGAIN). */
 const counterBuf = new BigUint64Array(1);
 export function readCounter(fd: number): bigint {
@@ -155,5 +172,6 @@ export function gettid(): number {
 
 /** Open descriptors of this process, by counting /proc/self/fd (tests and GetState). */
 export function countOpenFds(pid: number | "self" = "self"): number {
-  return readdirSync(`/proc/${pid}/fd`).length;
+  // node:fs is loaded only here (tests, diagnostics): it costs about a millisecond at start-up.
+  return (require("node:fs") as typeof import("node:fs")).readdirSync(`/proc/${pid}/fd`).length;
 }
