@@ -37,6 +37,31 @@ describe("command line", () => {
   });
 });
 
+describe("one binary", () => {
+  test("runs from another directory with no node_modules and no sources beside it", async () => {
+    requireBinary();
+    const { mkdtempSync, copyFileSync, rmSync } = await import("node:fs");
+    const dir = mkdtempSync("/tmp/vmemd-alone-");
+    try {
+      copyFileSync(BINARY, `${dir}/vmemd`);
+      Bun.spawnSync(["chmod", "+x", `${dir}/vmemd`]);
+      const sock = `${dir}/s.sock`;
+      const proc = Bun.spawn([`${dir}/vmemd`, "serve", "--socket", sock, "--memory", "16M"], { cwd: dir, env: { PATH: "/usr/bin:/bin" }, stderr: "pipe" });
+      let state = "";
+      for (let i = 0; i < 300 && state === ""; i++) {
+        await Bun.sleep(10);
+        const r = Bun.spawnSync([`${dir}/vmemd`, "ctl", "--socket", sock, "state"], { cwd: dir, env: { PATH: "/usr/bin:/bin" } });
+        if (r.exitCode === 0) state = r.stdout.toString();
+      }
+      expect(state).toContain("RAM");
+      proc.kill("SIGTERM");
+      expect(await proc.exited).toBe(0);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
 describe("ctl against a running server", () => {
   let s: VmemdProcess;
   beforeAll(async () => {
