@@ -163,6 +163,8 @@ describe("malformed packets: Err EINVAL, and the connection stays usable", () =>
       ["index out of range", { body: encode({ RegisterMemory: { source: { SharedMemory: { descriptor: 1, size: 4096 } }, dest: { GuestPhysicalAddress: HIGH }, prot: { read: true, write: true }, cache: "CacheCoherent" } }), fds: [fd1] }],
       ["index referenced twice", { body: encode({ MmapAndRegisterMemory: { shm: { descriptor: 0, size: 4096 }, dest: { GuestPhysicalAddress: HIGH }, num_file_mappings: 0 } }), fds: [fd1, fd2] }],
       ["oversized packet", raw(new Uint8Array(70_000))],
+      ["Object.prototype member as variant", raw(encode({ constructor: 1 }))],
+      ["another one", raw(encode({ toString: {} }))],
     ];
     for (const [what, packet] of bodies) {
       client.sendPacket(packet);
@@ -271,6 +273,20 @@ describe("concurrency and pipelining", () => {
     expect(chain.at(-1)).toBe("failed to mmap and register memory");
     expect(client.request({ BalloonTargetReached: { size: 1 } })).toBe("Ok");
     closeAll([shm, f]);
+    await server.expectFdCount(baseFds);
+  });
+
+  test("an oversized packet where a chunk is expected ends the MmapAndRegisterMemory (fuzzer regression)", async () => {
+    const shm = memfd(4 * 4096);
+    client.sendPacket(encodeRequest({ MmapAndRegisterMemory: { shm: { descriptor: shm, size: 4 * 4096 }, dest: { GuestPhysicalAddress: HIGH }, num_file_mappings: 1 } }));
+    client.inFlight--;
+    client.sendPacket(raw(new Uint8Array(70_000)));
+    const chain = expectErr(client.recv(), "EINVAL");
+    expect(chain[0]).toContain("packet larger than");
+    expect(chain.at(-1)).toBe("failed to mmap and register memory");
+    // In step again: the next request is a request, not a chunk.
+    expect(expectErr(client.request({ UnregisterMemory: 0x1234000 }), "ENOENT")[0]).toContain("0x1234000");
+    sys.close(shm);
     await server.expectFdCount(baseFds);
   });
 

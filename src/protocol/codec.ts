@@ -144,7 +144,8 @@ export function parseRequest(value: unknown): VmMemoryRequest {
     throw failure("EINVAL", `a request map must have exactly one key (the variant), not ${keys.length}`).context("malformed request");
   }
   const variant = keys[0]!;
-  const schema = requestPayloads[variant as keyof typeof requestPayloads];
+  // Object.hasOwn: "constructor" or "toString" must not find Object.prototype's members.
+  const schema = Object.hasOwn(requestPayloads, variant) ? requestPayloads[variant as keyof typeof requestPayloads] : undefined;
   if (schema === undefined) throw failure("EINVAL", `unknown request variant "${variant}"`).context("malformed request");
   const parsed = schema.safeParse(value[variant]);
   if (!parsed.success) throw schemaError("request", parsed.error, value[variant], variant);

@@ -276,19 +276,11 @@ export class Server {
     let owned: number[] = fds;
     conn.requests++;
     try {
-      if (flags & sys.MSG_TRUNC || len > this.opts.maxPacket) {
-        throw failure("EINVAL", `packet larger than ${this.opts.maxPacket} bytes`).context("malformed packet");
-      }
-      if (fds.length > this.opts.maxFdsPerPacket) {
-        throw failure("EINVAL", `${fds.length} descriptors in one packet; the limit is ${this.opts.maxFdsPerPacket}`).context("malformed packet");
-      }
-      if (flags & sys.MSG_CTRUNC) {
-        throw failure("EINVAL", `more than ${sys.SCM_MAX_FD} descriptors in one packet`).context("malformed packet");
-      }
       if (conn.pending !== null) {
         owned = [];
-        return this.handleChunk(conn, body, fds);
+        return this.handleChunk(conn, body, len, flags, fds);
       }
+      this.checkPacket(len, flags, fds);
       const req = decodeRequest(body, fds);
       if (typeof req === "object" && ("RegisterMemory" in req || "MmapAndRegisterMemory" in req)) {
         if (conn.regions.size >= this.opts.maxRegionsPerConnection) {
@@ -318,9 +310,23 @@ export class Server {
     }
   }
 
-  private handleChunk(conn: Connection, body: Uint8Array, fds: number[]): void {
+  /** Limits every packet must meet before it is decoded (a request or a follow-up chunk). */
+  private checkPacket(len: number, flags: number, fds: readonly number[]): void {
+    if (flags & sys.MSG_TRUNC || len > this.opts.maxPacket) {
+      throw failure("EINVAL", `packet larger than ${this.opts.maxPacket} bytes`).context("malformed packet");
+    }
+    if (fds.length > this.opts.maxFdsPerPacket) {
+      throw failure("EINVAL", `${fds.length} descriptors in one packet; the limit is ${this.opts.maxFdsPerPacket}`).context("malformed packet");
+    }
+    if (flags & sys.MSG_CTRUNC) {
+      throw failure("EINVAL", `more than ${sys.SCM_MAX_FD} descriptors in one packet`).context("malformed packet");
+    }
+  }
+
+  private handleChunk(conn: Connection, body: Uint8Array, len: number, flags: number, fds: number[]): void {
     const pending = conn.pending!;
     try {
+      this.checkPacket(len, flags, fds);
       const chunk = decodeFileMappings(body, fds);
       if (chunk.length > pending.remaining) {
         throw failure("EINVAL", `chunk of ${chunk.length} file mappings exceeds the ${pending.remaining} still expected`)
