@@ -136,6 +136,7 @@ class VcpuThread {
         // EINTR: a signal or immediate_exit (stop() kicked us); EAGAIN: try again.
         if (errno === sys.Errno.EINTR || errno === sys.Errno.EAGAIN) {
           cnt[Cnt.INTERRUPTS]!++;
+          if (process.env.VCPU_DEBUG) sys.write(2, new TextEncoder().encode(`EINTR stop=${Atomics.load(this.ctl, Ctl.STOP)} int=${cnt[Cnt.INTERRUPTS]}\n`));
           continue;
         }
         throw e;

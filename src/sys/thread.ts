@@ -118,6 +118,6 @@ export function installNoopSignalHandler(signal: number): void {
   const act = new Uint8Array(SIGACTION_SIZE);
   const v = new DataView(act.buffer);
   v.setBigUint64(0, BigInt(handler), true);
-  v.setInt32(SA_FLAGS, SA_RESTART, true);
+  v.setInt32(SA_FLAGS, process.env.NO_RESTART ? 0 : SA_RESTART, true);
   check(`sigaction(${signal})`, libc.sigaction(signal, act, null));
 }
