@@ -12,7 +12,7 @@ Creates a KVM virtual machine and serves its memory plane on PATH.
 
   --socket PATH             Unix socket to listen on (SOCK_SEQPACKET); a stale file is replaced
   --memory SIZE             guest RAM (default 256M); K/M/G suffixes
-  --prefault                allocate all guest RAM at start rather than on first touch
+  --prefault                touch all guest RAM at start rather than on the guest's first touch
   --pci-bar BB:DD.F/BAR=SIZE
                             allocate a PCI BAR at start (repeatable), e.g. 00:05.0/2=16M
   --socket-mode MODE        socket file mode, octal (default 0600)

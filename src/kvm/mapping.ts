@@ -12,9 +12,8 @@ export class MemoryMapping {
   ) {}
 
   /** `size` bytes of `fd` at `offset`, shared with every other mapper of the object. */
-  static fromDescriptor(fd: number, offset: number, size: number, prot: number, populate = false): MemoryMapping {
-    const flags = sys.MAP_SHARED | (populate ? sys.MAP_POPULATE : 0);
-    return new MemoryMapping(sys.mmap(0, size, prot, flags, fd, offset), size);
+  static fromDescriptor(fd: number, offset: number, size: number, prot: number): MemoryMapping {
+    return new MemoryMapping(sys.mmap(0, size, prot, sys.MAP_SHARED, fd, offset), size);
   }
 
   /** Anonymous memory that reads as zeros and takes no host memory until written. */

@@ -129,14 +129,16 @@ class VcpuThread {
         this.setState(VcpuStateCode.stopped);
         return;
       }
+      cnt[7]!++;
       try {
         sys.ioctl(fd, sys.KVM_RUN, 0, "KVM_RUN");
+        cnt[8]!++;
       } catch (e) {
+        cnt[9]!++;
         const errno = e instanceof sys.SysError ? e.errno : 0;
         // EINTR: a signal or immediate_exit (stop() kicked us); EAGAIN: try again.
         if (errno === sys.Errno.EINTR || errno === sys.Errno.EAGAIN) {
           cnt[Cnt.INTERRUPTS]!++;
-          if (process.env.VCPU_DEBUG) sys.write(2, new TextEncoder().encode(`EINTR stop=${Atomics.load(this.ctl, Ctl.STOP)} int=${cnt[Cnt.INTERRUPTS]}\n`));
           continue;
         }
         throw e;
