@@ -251,8 +251,7 @@ async function main(): Promise<void> {
     const run = (n: number) => {
       for (let done = 0; done < n; done += 1000) client.pipeline(Array.from({ length: 1000 }, (_, i) => mix[i % 3]!), 32);
     };
-    run(scale(20000));
-    Bun.gc?.(true);
+    run(scale(100000)); // warm-up: JIT tiers, heap size, buffers touched
     await Bun.sleep(200);
     const warm = status(v.proc.pid);
     run(scale(100000));
