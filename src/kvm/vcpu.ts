@@ -239,13 +239,6 @@ export class Vcpu {
       await Bun.sleep(KICK_INTERVAL_MS);
     }
     const loopDone = this.sh.get(Ctl.LOOP_DONE) !== 0;
-    if (!loopDone && process.env.VCPU_DEBUG) {
-      const fs = require("node:fs");
-      const tid = this.sh.get(Ctl.TID);
-      console.error("STOP TIMEOUT ctl", Array.from(this.sh.ctl.slice(0, 16)), "cnt", Array.from(this.sh.cnt.slice(0, 8)));
-      try { console.error(fs.readFileSync(`/proc/self/task/${tid}/status`, "utf8").split("\n").filter((l: string) => /^(State|Sig|Shd)/.test(l)).join(" | ")); } catch (e) { console.error(String(e)); }
-      try { console.error("syscall", fs.readFileSync(`/proc/self/task/${tid}/syscall`, "utf8"), "wchan", fs.readFileSync(`/proc/self/task/${tid}/wchan`, "utf8"), fs.readFileSync(`/proc/self/task/${tid}/stack`, "utf8")); } catch (e) { console.error(String(e)); }
-    }
     this.sh.set(Ctl.RELEASE, 1);
     while (!this.sh.get(Ctl.CLOSED) && performance.now() < deadline) await Bun.sleep(1);
     const closedCleanly = this.sh.get(Ctl.CLOSED) !== 0;

@@ -129,19 +129,14 @@ class VcpuThread {
         this.setState(VcpuStateCode.stopped);
         return;
       }
-      cnt[7]!++;
-      try {
-        sys.ioctl(fd, sys.KVM_RUN, 0, "KVM_RUN");
-        cnt[8]!++;
-      } catch (e) {
-        cnt[9]!++;
-        const errno = e instanceof sys.SysError ? e.errno : 0;
+      const err = sys.kvmRun(fd);
+      if (err !== 0) {
         // EINTR: a signal or immediate_exit (stop() kicked us); EAGAIN: try again.
-        if (errno === sys.Errno.EINTR || errno === sys.Errno.EAGAIN) {
+        if (err === sys.Errno.EINTR || err === sys.Errno.EAGAIN) {
           cnt[Cnt.INTERRUPTS]!++;
           continue;
         }
-        throw e;
+        throw new sys.SysError("KVM_RUN", err);
       }
       cnt[Cnt.EXITS]!++;
       const reason = rv.getUint32(sys.KVM_RUN_EXIT_REASON, true);
