@@ -71,7 +71,7 @@ describe("ctl against a running server", () => {
     expect(await s.stop()).toBe(0);
   });
 
-  test("register, state (drawn and JSON), unregister, Err exit status", () => {
+  test("register, state (drawn and JSON), unregister, Err exit status", async () => {
     const reg = run("ctl", "--socket", s.socket, "register", "--shm", "2M", "--gpa", "0x200000000");
     expect(reg.code).toBe(0);
     expect(JSON.parse(reg.out)).toEqual({ RegisterMemory: { region_id: 0x2_0000_0000, slot: 1 } });
@@ -90,5 +90,10 @@ describe("ctl against a running server", () => {
     expect(run("ctl", "--socket", s.socket, "raw", '{"BalloonTargetReached":{"size":1}}').out.trim()).toBe('"Ok"');
     expect(run("ctl", "--socket", s.socket, "free", "0:1M").code).toBe(0);
     expect(run("ctl", "--socket", s.socket, "ioevent", "--addr", "0xe0000000", "--match", "u32=5").code).toBe(0);
+    // Each ctl is one request on one connection, and its hang-up is seen as one (not as empty packets).
+    await Bun.sleep(50);
+    const counts = [...s.stderr.matchAll(/client disconnected conn=\d+ requests=(\d+)/g)].map((m) => Number(m[1]));
+    expect(counts.length).toBeGreaterThanOrEqual(10);
+    expect(counts.slice(1).every((n) => n === 1)).toBe(true);
   });
 });

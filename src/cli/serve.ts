@@ -4,7 +4,7 @@ import { KvmVm } from "../kvm";
 import { RegionState, SystemAllocator, describeAlloc, type ExecContext } from "../memory";
 import { DEFAULT_SERVER_OPTIONS, Logger, Server, type LogFormat, type LogLevel } from "../server";
 import { flag, parseFlags, parseNumber, parsePciBarSize, parseSize, UsageError } from "./args";
-import { attachGuest, type GuestHandle } from "./guest";
+import type { GuestHandle } from "./guest";
 
 export const SERVE_HELP = `usage: vmemd serve --socket PATH [options]
 
@@ -110,12 +110,17 @@ export async function serve(argv: string[]): Promise<number> {
       releaseOnDisconnect: p.flags.has("release-on-disconnect"),
       log,
     });
-    server.listen();
     const onSignal = (sig: string) => () => server.stop(sig, 0);
     process.on("SIGTERM", onSignal("SIGTERM"));
     process.on("SIGINT", onSignal("SIGINT"));
+    // The guest first: a bad --guest fails before there is a socket file to leave behind.
+    // Its modules load only when a guest runs.
     const guestPath = flag(p, "guest");
-    if (guestPath !== undefined) guest = attachGuest(vm, server, { guestPath, serialPath: flag(p, "serial"), log });
+    if (guestPath !== undefined) {
+      const { attachGuest } = await import("./guest");
+      guest = attachGuest(vm, server, { guestPath, serialPath: flag(p, "serial"), log });
+    }
+    server.listen();
     log.info("vmemd ready", {
       socket: socketPath,
       memory,
@@ -124,10 +129,10 @@ export async function serve(argv: string[]): Promise<number> {
       nofile: String(sys.getrlimit(sys.RLIMIT_NOFILE).cur),
       pid: process.pid,
     });
-    const code = await server.run();
-    await guest?.stop();
-    return code;
+    return await server.run();
   } finally {
+    // After the loop has returned: stop() closes the eventfd the loop was watching.
+    await guest?.stop();
     vm.close();
   }
 }

@@ -61,6 +61,7 @@ export function encodeValue(value: unknown): Uint8Array {
 }
 
 export function decodeValue(body: Uint8Array): unknown {
+  if (body.byteLength === 0) throw new VmMemoryError(22, "empty packet").context("malformed packet");
   try {
     return decoder.decode(body);
   } catch (e) {

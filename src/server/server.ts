@@ -250,22 +250,26 @@ export class Server {
         return;
       }
       budget -= n;
-      for (let i = 0; i < n; i++) {
-        const len = this.rx.length(i);
-        const fds = this.rx.fds(i);
-        const flags = this.rx.flags(i);
-        if (len === 0 && fds.length === 0 && flags === 0) {
-          // End of stream, or an empty packet: only a hang-up tells them apart.
-          if (sys.pollOne(conn.fd, sys.POLLRDHUP, 0) & (sys.POLLRDHUP | sys.POLLHUP)) {
+      let i = 0;
+      try {
+        for (; i < n; i++) {
+          const len = this.rx.length(i);
+          const fds = this.rx.fds(i);
+          const flags = this.rx.flags(i);
+          // End of stream reads as an empty record; so does an empty packet. Only a
+          // hang-up tells them apart. (SEQPACKET records carry MSG_EOR: ignore it here.)
+          const empty = len === 0 && fds.length === 0 && (flags & (sys.MSG_TRUNC | sys.MSG_CTRUNC)) === 0;
+          if (empty && sys.pollOne(conn.fd, sys.POLLRDHUP, 0) & (sys.POLLRDHUP | sys.POLLHUP)) {
             this.flushBatch(conn);
             return this.disconnect(conn);
           }
-          this.respond(conn, errResponse(failure("EINVAL", "empty packet").context("malformed packet")));
-          continue;
+          this.handlePacket(conn, this.rx.body(i), len, flags, fds);
         }
-        this.handlePacket(conn, this.rx.body(i), len, flags, fds);
+        this.flushBatch(conn);
+      } finally {
+        // Descriptors of packets this batch did not get to (a failure or a hang-up midway).
+        for (let j = i + 1; j < n; j++) for (const fd of this.rx.fds(j)) closeQuietly(fd);
       }
-      this.flushBatch(conn);
       // Loop until EAGAIN even after a short batch: a client woken by our responses often
       // has its next request queued by the time sendmmsg returns (one CPU, or pipelining).
     }
