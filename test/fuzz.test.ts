@@ -5,21 +5,8 @@
 import { expect, test } from "bun:test";
 import { requireKvm } from "./helpers";
 import { BINARY, requireBinary } from "./server_harness";
-import { runFuzz } from "./fuzz_lib";
+import { runFuzz, VARIANTS } from "./fuzz_lib";
 
-const VARIANTS = [
-  "PrepareSharedMemoryRegion",
-  "RegisterMemory",
-  "MmapAndRegisterMemory",
-  "DynamicallyFreeMemoryRanges",
-  "DynamicallyReclaimMemoryRanges",
-  "BalloonTargetReached",
-  "UnregisterMemory",
-  "IoEventRaw",
-  "GetState",
-  "AllocateMmio",
-  "ReleaseMmio",
-];
 
 test("fuzz: 20,000 packets over 4 connections; every request answered once and well formed, nothing leaked", async () => {
   requireKvm();

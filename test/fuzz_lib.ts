@@ -79,7 +79,7 @@ function deepFreeze<T>(v: T): T {
 // Shared by every request built; the mutator works on deep copies (frozen, so a slip throws).
 deepFreeze(ALLOC_SET);
 
-const VARIANTS = [
+export const VARIANTS = [
   "PrepareSharedMemoryRegion",
   "RegisterMemory",
   "MmapAndRegisterMemory",

@@ -82,48 +82,38 @@ export function writeBootMemory(low: Uint8Array, image: Uint8Array): void {
   low.set(image, BOOT_IMAGE);
 }
 
-// struct kvm_segment (24 bytes): base u64@0, limit u32@8, selector u16@12, type@14,
-// present@15, dpl@16, db@17, s@18, l@19, g@20, avl@21, unusable@22, padding@23.
-// kvm_sregs: cs@0 ds@24 es@48 fs@72 gs@96 ss@120 tr@144 ldt@168, gdt@192, idt@208
-// (kvm_dtable: base u64, limit u16), cr0@224 cr2@232 cr3@240 cr4@248 cr8@256 efer@264.
-const SREG_CS = 0;
-const SREG_DATA = [24, 48, 72, 96, 120]; // ds es fs gs ss
-const SREG_GDT = 192;
-const SREG_IDT = 208;
-const SREG_CR0 = 224;
-const SREG_CR3 = 240;
-const SREG_CR4 = 248;
-const SREG_EFER = 264;
+const SEG = sys.KVM_SEGMENT;
+const SREGS = sys.KVM_SREGS;
 
 function setSegment(v: DataView, off: number, selector: number, type: number, db: number, l: number): void {
-  v.setBigUint64(off, 0n, true);
-  v.setUint32(off + 8, 0xffffffff, true);
-  v.setUint16(off + 12, selector, true);
-  v.setUint8(off + 14, type);
-  v.setUint8(off + 15, 1); // present
-  v.setUint8(off + 16, 0); // dpl
-  v.setUint8(off + 17, db);
-  v.setUint8(off + 18, 1); // s: code/data
-  v.setUint8(off + 19, l);
-  v.setUint8(off + 20, 1); // g
-  v.setUint8(off + 21, 0); // avl
-  v.setUint8(off + 22, 0); // unusable
+  v.setBigUint64(off + SEG.base, 0n, true);
+  v.setUint32(off + SEG.limit, 0xffffffff, true);
+  v.setUint16(off + SEG.selector, selector, true);
+  v.setUint8(off + SEG.type, type);
+  v.setUint8(off + SEG.present, 1);
+  v.setUint8(off + SEG.dpl, 0);
+  v.setUint8(off + SEG.db, db);
+  v.setUint8(off + SEG.s, 1); // code/data
+  v.setUint8(off + SEG.l, l);
+  v.setUint8(off + SEG.g, 1);
+  v.setUint8(off + SEG.avl, 0);
+  v.setUint8(off + SEG.unusable, 0);
 }
 
 /** Turns the kvm_sregs that KVM_GET_SREGS returned into the contract's long-mode state (tr, ldt, apic_base kept). */
 export function setBootSregs(v: DataView): void {
-  setSegment(v, SREG_CS, BOOT_CS, 0xb, 0, 1);
-  for (const off of SREG_DATA) setSegment(v, off, BOOT_DS, 0x3, 1, 0);
-  v.setBigUint64(SREG_GDT, BigInt(BOOT_GDT), true);
-  v.setUint16(SREG_GDT + 8, 3 * 8 - 1, true);
-  v.setBigUint64(SREG_IDT, 0n, true);
-  v.setUint16(SREG_IDT + 8, 0, true);
-  v.setBigUint64(SREG_CR0, BigInt(BOOT_CR0), true);
-  v.setBigUint64(SREG_CR0 + 8, 0n, true); // cr2
-  v.setBigUint64(SREG_CR3, BigInt(BOOT_PML4), true);
-  v.setBigUint64(SREG_CR4, BigInt(BOOT_CR4), true);
-  v.setBigUint64(SREG_CR4 + 8, 0n, true); // cr8
-  v.setBigUint64(SREG_EFER, BigInt(BOOT_EFER), true);
+  setSegment(v, SREGS.cs, BOOT_CS, 0xb, 0, 1);
+  for (const off of [SREGS.ds, SREGS.es, SREGS.fs, SREGS.gs, SREGS.ss]) setSegment(v, off, BOOT_DS, 0x3, 1, 0);
+  v.setBigUint64(SREGS.gdt + sys.KVM_DTABLE.base, BigInt(BOOT_GDT), true);
+  v.setUint16(SREGS.gdt + sys.KVM_DTABLE.limit, 3 * 8 - 1, true);
+  v.setBigUint64(SREGS.idt + sys.KVM_DTABLE.base, 0n, true);
+  v.setUint16(SREGS.idt + sys.KVM_DTABLE.limit, 0, true);
+  v.setBigUint64(SREGS.cr0, BigInt(BOOT_CR0), true);
+  v.setBigUint64(SREGS.cr2, 0n, true);
+  v.setBigUint64(SREGS.cr3, BigInt(BOOT_PML4), true);
+  v.setBigUint64(SREGS.cr4, BigInt(BOOT_CR4), true);
+  v.setBigUint64(SREGS.cr8, 0n, true);
+  v.setBigUint64(SREGS.efer, BigInt(BOOT_EFER), true);
 }
 
 // struct kvm_regs: rax rbx rcx rdx rsi rdi rsp rbp r8..r15 (u64 each), rip@128, rflags@136.
@@ -135,20 +125,20 @@ export const REG_NAMES = [
 /** kvm_regs of the contract: everything 0 but rip, rsp and rflags (0x2: IF=0). */
 export function setBootRegs(v: DataView): void {
   for (let off = 0; off < sys.KVM_REGS_SIZE; off += 8) v.setBigUint64(off, 0n, true);
-  v.setBigUint64(6 * 8, BigInt(BOOT_RSP), true);
-  v.setBigUint64(128, BigInt(BOOT_RIP), true);
-  v.setBigUint64(136, 2n, true);
+  v.setBigUint64(sys.KVM_REGS.rsp, BigInt(BOOT_RSP), true);
+  v.setBigUint64(sys.KVM_REGS.rip, BigInt(BOOT_RIP), true);
+  v.setBigUint64(sys.KVM_REGS.rflags, 2n, true);
 }
 
 /** kvm_regs and the interesting kvm_sregs fields as hex strings, for logs. */
 export function describeRegisters(regs: DataView, sregs: DataView): Record<string, string> {
   const out: Record<string, string> = {};
   REG_NAMES.forEach((name, i) => (out[name] = hex(regs.getBigUint64(i * 8, true))));
-  out.cs = hex(sregs.getUint16(SREG_CS + 12, true));
-  out.cr0 = hex(sregs.getBigUint64(SREG_CR0, true));
-  out.cr2 = hex(sregs.getBigUint64(SREG_CR0 + 8, true));
-  out.cr3 = hex(sregs.getBigUint64(SREG_CR3, true));
-  out.cr4 = hex(sregs.getBigUint64(SREG_CR4, true));
-  out.efer = hex(sregs.getBigUint64(SREG_EFER, true));
+  out.cs = hex(sregs.getUint16(SREGS.cs + SEG.selector, true));
+  out.cr0 = hex(sregs.getBigUint64(SREGS.cr0, true));
+  out.cr2 = hex(sregs.getBigUint64(SREGS.cr2, true));
+  out.cr3 = hex(sregs.getBigUint64(SREGS.cr3, true));
+  out.cr4 = hex(sregs.getBigUint64(SREGS.cr4, true));
+  out.efer = hex(sregs.getBigUint64(SREGS.efer, true));
   return out;
 }

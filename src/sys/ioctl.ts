@@ -118,8 +118,18 @@ export const KVM_EXIT_FAIL_ENTRY = 9;
 export const KVM_EXIT_INTR = 10;
 export const KVM_EXIT_INTERNAL_ERROR = 17;
 
-// struct kvm_regs (144 bytes): rax..r15 then rip@128, rflags@136.
+// struct kvm_regs (144 bytes): rax rbx rcx rdx rsi rdi rsp rbp r8..r15 (u64 each), rip, rflags.
 export const KVM_REGS_SIZE = 144;
-// struct kvm_sregs (312 bytes): cs,ds,es,fs,gs,ss,tr,ldt (kvm_segment, 24 B each) @0,
-// gdt@192, idt@208 (kvm_dtable 16 B: base u64, limit u16), cr0@224, cr2, cr3, cr4, cr8, efer@264.
+export const KVM_REGS = { rsp: 48, rip: 128, rflags: 136 } as const;
+// struct kvm_sregs (312 bytes): eight kvm_segment (24 B each), gdt and idt (kvm_dtable,
+// 16 B: base u64, limit u16), then the control registers.
 export const KVM_SREGS_SIZE = 312;
+export const KVM_SREGS = {
+  cs: 0, ds: 24, es: 48, fs: 72, gs: 96, ss: 120, tr: 144, ldt: 168,
+  gdt: 192, idt: 208, cr0: 224, cr2: 232, cr3: 240, cr4: 248, cr8: 256, efer: 264,
+} as const;
+export const KVM_DTABLE = { base: 0, limit: 8 } as const;
+// struct kvm_segment (24 bytes).
+export const KVM_SEGMENT = {
+  base: 0, limit: 8, selector: 12, type: 14, present: 15, dpl: 16, db: 17, s: 18, l: 19, g: 20, avl: 21, unusable: 22,
+} as const;
