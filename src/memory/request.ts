@@ -141,5 +141,8 @@ export function descriptorSlots(req: VmMemoryRequest): DescriptorSlot[] {
 }
 
 export function requestDescriptors(req: VmMemoryRequest): Fd[] {
-  return descriptorSlots(req).map((s) => s.holder[s.key] as Fd);
+  const slots = descriptorSlots(req);
+  const fds: Fd[] = [];
+  for (const s of slots) fds.push(s.holder[s.key] as Fd);
+  return fds;
 }

@@ -67,7 +67,8 @@ export class BatchReceiver {
     return this.hdrs.getInt32(i * MMSG + 48, true);
   }
   fds(i: number): number[] {
-    return parseRights(this.controlView, i * CONTROL_SIZE, Number(this.hdrs.getBigUint64(i * MMSG + 40, true)));
+    // msg_controllen is a size_t; it never exceeds CONTROL_SIZE, so its low half is all of it.
+    return parseRights(this.controlView, i * CONTROL_SIZE, this.hdrs.getUint32(i * MMSG + 40, true));
   }
   body(i: number): Uint8Array {
     const start = i * this.slot;
@@ -81,11 +82,12 @@ export class BatchReceiver {
  */
 export class BatchSender {
   private readonly arena: Uint8Array;
-  private readonly arenaAddr: bigint;
-  private readonly hdrs: DataView;
+  private readonly arenaAddr: number;
+  /** struct mmsghdr[capacity]; kept referenced, or hdrsPtr would dangle once it is collected. */
+  private readonly hdrs: Uint8Array;
   private readonly hdrsPtr: Pointer;
-  private readonly iovs: BigUint64Array;
-  private readonly iovsAddr: bigint;
+  /** struct iovec[capacity] as u32 words: base lo, base hi, len lo, len hi. */
+  private readonly iovs: Uint32Array;
   private used = 0;
   /** Packets queued and not yet sent. */
   count = 0;
@@ -97,22 +99,35 @@ export class BatchSender {
     arenaBytes: number,
   ) {
     this.arena = new Uint8Array(arenaBytes);
-    this.arenaAddr = BigInt(ptr(this.arena));
-    this.iovs = new BigUint64Array(2 * capacity);
-    this.iovsAddr = BigInt(ptr(this.iovs));
-    const hdrs = new Uint8Array(MMSG * capacity);
-    this.hdrs = new DataView(hdrs.buffer);
+    this.arenaAddr = Number(ptr(this.arena));
+    this.iovs = new Uint32Array(4 * capacity);
+    const iovsAddr = BigInt(ptr(this.iovs));
+    const hdrs = (this.hdrs = new Uint8Array(MMSG * capacity));
+    const v = new DataView(hdrs.buffer);
+    // Each header points at its own iovec for good; only the iovecs change per send.
+    for (let i = 0; i < capacity; i++) {
+      v.setBigUint64(i * MMSG + 16, iovsAddr + BigInt(16 * i), true);
+      v.setBigUint64(i * MMSG + 24, 1n, true);
+    }
     this.hdrsPtr = ptr(hdrs);
   }
 
   /** Queues a copy of `body`; false when the batch is full (send it first). */
   add(body: Uint8Array): boolean {
-    if (this.count === this.capacity || this.used + body.byteLength > this.arena.byteLength) return false;
-    this.arena.set(body, this.used);
-    this.starts.push(this.used);
-    this.lengths.push(body.byteLength);
-    this.used += body.byteLength;
-    this.count++;
+    const at = this.used;
+    const n = this.count;
+    if (n === this.capacity || at + body.byteLength > this.arena.byteLength) return false;
+    this.arena.set(body, at);
+    this.starts[n] = at;
+    this.lengths[n] = body.byteLength;
+    // Addresses are below 2^53: write the 64-bit base as two 32-bit halves, no BigInt.
+    const base = this.arenaAddr + at;
+    this.iovs[4 * n] = base >>> 0;
+    this.iovs[4 * n + 1] = Math.floor(base / 0x1_0000_0000);
+    this.iovs[4 * n + 2] = body.byteLength;
+    this.iovs[4 * n + 3] = 0;
+    this.used = at + body.byteLength;
+    this.count = n + 1;
     return true;
   }
 
@@ -123,18 +138,8 @@ export class BatchSender {
 
   /** Sends the queued packets in order: how many went (possibly 0 when the socket is full). */
   send(fd: number): number {
-    const n = this.count;
-    if (n === 0) return 0;
-    for (let i = 0; i < n; i++) {
-      const h = i * MMSG;
-      this.iovs[2 * i] = this.arenaAddr + BigInt(this.starts[i]!);
-      this.iovs[2 * i + 1] = BigInt(this.lengths[i]!);
-      this.hdrs.setBigUint64(h + 16, this.iovsAddr + BigInt(16 * i), true);
-      this.hdrs.setBigUint64(h + 24, 1n, true);
-      this.hdrs.setBigUint64(h + 32, 0n, true);
-      this.hdrs.setBigUint64(h + 40, 0n, true);
-    }
-    const sent = libc.sendmmsg(fd, this.hdrsPtr, n, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (this.count === 0) return 0;
+    const sent = libc.sendmmsg(fd, this.hdrsPtr, this.count, MSG_DONTWAIT | MSG_NOSIGNAL);
     if (sent === -1) {
       const errno = lastErrno();
       if (errno === EAGAIN) return 0;
@@ -146,7 +151,5 @@ export class BatchSender {
   clear(): void {
     this.used = 0;
     this.count = 0;
-    this.starts.length = 0;
-    this.lengths.length = 0;
   }
 }
