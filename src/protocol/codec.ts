@@ -3,6 +3,7 @@ import { Decoder, Encoder } from "@msgpack/msgpack";
 import type * as z from "zod/mini";
 import { failure, VmMemoryError } from "../memory/error";
 import { descriptorSlots, type VmMemoryFileMapping, type VmMemoryRequest, type VmMemoryResponse } from "../memory/request";
+import { fastRequest, fastResponse } from "./fast";
 import { schemas } from "./schema";
 
 /** The largest packet body either side sends or accepts. */
@@ -134,6 +135,11 @@ function isPlainMap(v: unknown): v is Record<string, unknown> {
 
 /** A decoded value as a typed request, with descriptor indices still in the descriptor fields. */
 export function parseRequest(value: unknown): VmMemoryRequest {
+  return fastRequest(value) ?? parseRequestBySchema(value);
+}
+
+/** parseRequest without the fast path: the schema's own answer (tests compare the two). */
+export function parseRequestBySchema(value: unknown): VmMemoryRequest {
   const { requestPayloads, unitRequests } = schemas();
   if (typeof value === "string") {
     if ((unitRequests as readonly string[]).includes(value)) return value as VmMemoryRequest;
@@ -202,6 +208,10 @@ export function encodeResponse(resp: VmMemoryResponse): Uint8Array {
 /** Client side: a response packet as a typed response (a malformed one throws). */
 export function decodeResponse(body: Uint8Array): VmMemoryResponse {
   const value = decodeValue(body);
+  return fastResponse(value) ?? parseResponseBySchema(value);
+}
+
+export function parseResponseBySchema(value: unknown): VmMemoryResponse {
   const parsed = schemas().response.safeParse(value);
   if (!parsed.success) throw schemaError("response", parsed.error, value);
   return parsed.data as VmMemoryResponse;

@@ -1,0 +1,119 @@
+// The protocol layer on its own: the hand-written fast paths (src/protocol/fast.ts)
+// against the zod schema, which stays the one definition of the wire.
+import { describe, expect, test } from "bun:test";
+import { fastRequest, fastResponse } from "../src/protocol/fast";
+import { decodeValue, encodeValue, parseRequestBySchema, parseResponseBySchema } from "../src/protocol";
+
+const uuid = new Uint8Array(16);
+const REQUESTS: unknown[] = [
+  { RegisterMemory: { source: { SharedMemory: { descriptor: 0, size: 4096 } }, dest: { GuestPhysicalAddress: 0x2_0000_0000 }, prot: { read: true, write: false }, cache: "CacheCoherent" } },
+  { RegisterMemory: { source: { Descriptor: { descriptor: 1, offset: 8192, size: 4096 } }, dest: { ExistingAllocation: { allocation: { PciBar: { bus: 0, dev: 5, func: 0, bar: 2 } }, offset: 0x1000 } }, prot: { read: true, write: true }, cache: "CacheNonCoherent" } },
+  { RegisterMemory: { source: { Vulkan: { descriptor: 0, handle_type: 1, memory_idx: 2, device_uuid: uuid, driver_uuid: uuid, size: 4096 } }, dest: { GuestPhysicalAddress: 0 }, prot: { read: true, write: true }, cache: "CacheCoherent" } },
+  { RegisterMemory: { source: { ExternalMapping: { ptr: 4096, size: 4096 } }, dest: { ExistingAllocation: { allocation: { Anon: 3 }, offset: 0 } }, prot: { read: true, write: true }, cache: "CacheCoherent" } },
+  { UnregisterMemory: 0x2_0000_0000 },
+  { BalloonTargetReached: { size: 12345 } },
+  { DynamicallyFreeMemoryRanges: { ranges: [[0, 4096], [8192, 4096]] } },
+  { DynamicallyReclaimMemoryRanges: { ranges: [] } },
+  { PrepareSharedMemoryRegion: { alloc: { PciBar: { bus: 1, dev: 2, func: 3, bar: 4 } }, cache: "CacheCoherent" } },
+  { MmapAndRegisterMemory: { shm: { descriptor: 0, size: 8192 }, dest: { GuestPhysicalAddress: 4096 }, num_file_mappings: 2 } },
+  { IoEventRaw: { event: 0, addr: 0xe000_0000, datamatch: { U32: 7 }, register: true } },
+  { AllocateMmio: { alloc: { Anon: 1 }, size: 4096, align: null } },
+  { ReleaseMmio: { PciBar: { bus: 0, dev: 5, func: 0, bar: 2 } } },
+  "GetState",
+];
+const RESPONSES: unknown[] = [
+  "Ok",
+  { RegisterMemory: { region_id: 0x2_0000_0000, slot: 7 } },
+  { Err: { errno: 22, chain: ["root", "context"] } },
+  { Err: { errno: null, chain: [] } },
+  { Allocated: { start: 0xd000_0000, size: 4096 } },
+];
+const ODD = [-1, -0, 1.5, NaN, Infinity, 2 ** 53, 2 ** 64, 0n, 5n, 2n ** 64n, -1n, "x", "", null, true, false, [], {}, [1, 2], new Uint8Array(16), 252, 253, 255, 256, 2 ** 31, 2 ** 32, "Ok", "CacheCoherent"];
+
+/** A deterministic PRNG (xorshift32), so a failure repeats. */
+function rng(seed: number) {
+  let s = seed >>> 0 || 1;
+  return (n: number) => {
+    s ^= s << 13;
+    s >>>= 0;
+    s ^= s >>> 17;
+    s ^= s << 5;
+    s >>>= 0;
+    return s % n;
+  };
+}
+
+/** A copy of `v` with one random change: a value replaced, a key dropped or added. */
+function mutate(v: unknown, r: (n: number) => number): unknown {
+  const copy = structuredClone(v);
+  const holders: [Record<string, unknown> | unknown[], string | number][] = [];
+  const walk = (x: unknown) => {
+    if (x instanceof Uint8Array || typeof x !== "object" || x === null) return;
+    if (Array.isArray(x)) x.forEach((e, i) => (holders.push([x, i]), walk(e)));
+    else for (const k of Object.keys(x)) holders.push([x as Record<string, unknown>, k]), walk((x as Record<string, unknown>)[k]);
+  };
+  walk(copy);
+  if (holders.length === 0) return ODD[r(ODD.length)];
+  const [h, k] = holders[r(holders.length)]!;
+  const what = r(4);
+  if (what === 0 && !Array.isArray(h)) delete (h as Record<string, unknown>)[k as string];
+  else if (what === 1 && !Array.isArray(h)) (h as Record<string, unknown>)[["extra", "size", "descriptor", "SharedMemory"][r(4)]!] = ODD[r(ODD.length)];
+  else (h as Record<string, unknown>)[k as string] = ODD[r(ODD.length)];
+  return copy;
+}
+
+function schemaAnswer(parse: (v: unknown) => unknown, v: unknown): { ok: true; data: unknown } | { ok: false } {
+  try {
+    return { ok: true, data: parse(v) };
+  } catch {
+    return { ok: false };
+  }
+}
+
+describe("fast paths agree with the zod schema", () => {
+  test("valid common requests take the fast path, and give what the schema gives", () => {
+    let fastHits = 0;
+    for (const v of REQUESTS) {
+      const fast = fastRequest(structuredClone(v));
+      const z = schemaAnswer(parseRequestBySchema, structuredClone(v));
+      expect(z.ok).toBe(true);
+      if (fast !== undefined) {
+        fastHits++;
+        expect(fast).toEqual((z as { data: unknown }).data as never);
+      }
+    }
+    expect(fastHits).toBe(6); // both register shapes, unregister, balloon, free, reclaim
+  });
+
+  test("100,000 mutated requests and responses: the fast path never accepts what zod refuses, nor differs", () => {
+    const r = rng(20261127);
+    let fastAccepted = 0;
+    let zodAccepted = 0;
+    for (let i = 0; i < 100_000; i++) {
+      const isResponse = i % 5 === 4;
+      const base = isResponse ? RESPONSES[r(RESPONSES.length)] : REQUESTS[r(REQUESTS.length)];
+      // A quarter unchanged (the fast path's bread and butter), the rest with one or two changes.
+      const changes = r(4);
+      let v: unknown = structuredClone(base);
+      for (let c = 0; c < Math.min(changes, 2); c++) v = mutate(v, r);
+      // Through the real codec, as the server sees it (numbers, bigints, maps as decoded).
+      let decoded: unknown;
+      try {
+        decoded = decodeValue(encodeValue(v).slice());
+      } catch {
+        continue;
+      }
+      const fast = isResponse ? fastResponse(structuredClone(decoded)) : fastRequest(structuredClone(decoded));
+      const z = schemaAnswer(isResponse ? parseResponseBySchema : parseRequestBySchema, structuredClone(decoded));
+      if (z.ok) zodAccepted++;
+      if (fast === undefined) continue;
+      fastAccepted++;
+      if (!z.ok) throw new Error(`the fast path accepted what the schema refuses: ${Bun.inspect(decoded)}`);
+      expect(fast).toEqual(z.data as never);
+    }
+    // The generator must exercise both: plenty accepted by each, plenty refused.
+    expect(fastAccepted).toBeGreaterThan(10_000);
+    expect(zodAccepted).toBeGreaterThan(fastAccepted);
+    expect(zodAccepted).toBeLessThan(75_000);
+  }, 60_000);
+});
