@@ -24,6 +24,8 @@ const work = mkdtempSync(join(tmpdir(), "vmemd-bench-"));
 const quick = process.argv.includes("--quick");
 const scale = (n: number) => (quick ? Math.max(1, Math.floor(n / 10)) : n);
 const MiB = 1 << 20;
+/** Alternating runs per comparison; the best of each side is reported (see the round trip). */
+const ROUNDS = quick ? 2 : 5;
 
 // ---- helpers ---------------------------------------------------------------
 
@@ -151,12 +153,25 @@ async function main(): Promise<void> {
     runJson([echoClient, echo.socket, "rtt", n]);
     runJson([echoClient, v.socket, "rtt", n]);
     runJson([echoClient, v.socket, "pipe", String(scale(100000)), "32"]);
-    const cRtt = runJson([echoClient, echo.socket, "rtt", n]);
-    const vRtt = runJson([echoClient, v.socket, "rtt", n]);
-    const cPipe = runJson([echoClient, echo.socket, "pipe", String(scale(200000)), "32"]);
-    const vPipe = runJson([echoClient, v.socket, "pipe", String(scale(200000)), "32"]);
-    raw.rtt = { c: cRtt, vmemd: vRtt };
-    raw.pipelined = { c: cPipe, vmemd: vPipe };
+    // Two tasks sharing one CPU settle into one of two scheduling patterns (a context switch
+    // per packet, or batches), and a run's figures jump by up to 3x between them, for the C
+    // server as much as for vmemd. So: ROUNDS alternating runs each, best of them.
+    const rtts = { c: [] as Record<string, number>[], v: [] as Record<string, number>[] };
+    const pipes = { c: [] as Record<string, number>[], v: [] as Record<string, number>[] };
+    for (let round = 0; round < ROUNDS; round++) {
+      rtts.c.push(runJson([echoClient, echo.socket, "rtt", n]));
+      rtts.v.push(runJson([echoClient, v.socket, "rtt", n]));
+      pipes.c.push(runJson([echoClient, echo.socket, "pipe", String(scale(200000)), "32"]));
+      pipes.v.push(runJson([echoClient, v.socket, "pipe", String(scale(200000)), "32"]));
+    }
+    const bestRtt = (runs: Record<string, number>[]) => runs.reduce((a, b) => (b.median_ns! < a.median_ns! ? b : a));
+    const bestPipe = (runs: Record<string, number>[]) => runs.reduce((a, b) => (b.per_second! > a.per_second! ? b : a));
+    const cRtt = bestRtt(rtts.c);
+    const vRtt = bestRtt(rtts.v);
+    const cPipe = bestPipe(pipes.c);
+    const vPipe = bestPipe(pipes.v);
+    raw.rtt = rtts;
+    raw.pipelined = pipes;
     const m = vRtt.median_ns! / cRtt.median_ns!;
     figure("round trip, median", us(vRtt.median_ns!), us(cRtt.median_ns!), m, "≤ 1.2×", m <= 1.2);
     const p99 = vRtt.p99_ns! / cRtt.p99_ns!;
@@ -176,9 +191,15 @@ async function main(): Promise<void> {
       const guestOf = (i: number) => 0x40_0000_0000 + (i % 16) * 4 * MiB;
       registerCycles(client, fd, size, scale(300), guestOf); // warm-up
       registerCycles(echoClientBun, fd, size, scale(300), guestOf);
-      const v = median(registerCycles(client, fd, size, scale(2000), guestOf));
-      const echoPair = median(registerCycles(echoClientBun, fd, size, scale(2000), guestOf));
-      const c = runJson([kvmCycle, String(size), String(scale(2000))]);
+      let v = Infinity;
+      let echoPair = Infinity;
+      let c = { median_ns: Infinity } as Record<string, number>;
+      for (let round = 0; round < ROUNDS; round++) {
+        v = Math.min(v, median(registerCycles(client, fd, size, scale(1000), guestOf)));
+        echoPair = Math.min(echoPair, median(registerCycles(echoClientBun, fd, size, scale(1000), guestOf)));
+        const run = runJson([kvmCycle, String(size), String(scale(1000))]);
+        if (run.median_ns! < c.median_ns!) c = run;
+      }
       const base = c.median_ns! + echoPair;
       (raw.register as Record<string, unknown>)[size] = { vmemd_ns: v, c_cycle_ns: c.median_ns, echo_pair_ns: echoPair };
       const r = v / base;
@@ -285,7 +306,7 @@ async function main(): Promise<void> {
   {
     const vTimes: number[] = [];
     const cTimes: number[] = [];
-    for (let rep = 0; rep < (quick ? 1 : 3); rep++) {
+    for (let rep = 0; rep < ROUNDS; rep++) {
       const v = await startVmemd(["--memory", "1G", "--prefault"]);
       const client = VmemClient.connect(v.socket);
       const ranges: [number, number][] = Array.from({ length: 512 }, (_, i) => [i * 2 * MiB, 2 * MiB]);
@@ -297,8 +318,8 @@ async function main(): Promise<void> {
       await v.stop();
       cTimes.push(runJson([madviseFree, String(1 << 30), String(2 * MiB)]).seconds! * 1e9);
     }
-    const vm = median(vTimes);
-    const cm = median(cTimes);
+    const vm = Math.min(...vTimes);
+    const cm = Math.min(...cTimes);
     raw.free = { vmemd_ns: vTimes, c_ns: cTimes };
     figure("free 1 GiB of touched RAM in 2 MiB ranges", `${(vm / 1e6).toFixed(1)} ms`, `${(cm / 1e6).toFixed(1)} ms`, vm / cm, "≤ 1.2×", vm / cm <= 1.2);
   }
