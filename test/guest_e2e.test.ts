@@ -4,9 +4,9 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { join } from "node:path";
 import * as sys from "../src/sys";
 import type { VmemClient } from "../src/client";
-import { closeAll, memfd } from "./helpers";
+import { closeAll, memfd, requireKvm } from "./helpers";
 import { BOOT_MAGIC, guestRamBlocks, Mailbox, Op, SharedPage } from "./mailbox";
-import { VmemdProcess } from "./server_harness";
+import { BINARY, requireBinary, VmemdProcess } from "./server_harness";
 
 const GUEST = join(import.meta.dir, "guest", "guest.bin");
 const BAR = { PciBar: { bus: 0, dev: 5, func: 0, bar: 2 } };
@@ -184,6 +184,25 @@ describe("a faulty guest does not stop vmemd", () => {
       if (file === "triple.bin") expect(s.stderr).toMatch(/shutdown|triple/i);
     });
   }
+
+  test("a guest written from docs/boot.md alone (hand-assembled here) runs unchanged", async () => {
+    // mov dx, 0x3f8; mov al, 'Z'; out dx, al; mov al, 5; out 0xf4, al; hlt
+    requireKvm();
+    requireBinary();
+    const code = new Uint8Array([0x66, 0xba, 0xf8, 0x03, 0xb0, 0x5a, 0xee, 0xb0, 0x05, 0xe6, 0xf4, 0xf4]);
+    const { mkdtempSync, writeFileSync, rmSync } = await import("node:fs");
+    const dir = mkdtempSync("/tmp/vmemd-guest-");
+    writeFileSync(`${dir}/tiny.bin`, code);
+    try {
+      // Spawned directly: the guest may be done before the socket is even there.
+      const p = Bun.spawn([BINARY, "serve", "--socket", `${dir}/s.sock`, "--memory", "8M", "--guest", `${dir}/tiny.bin`], { stdout: "pipe", stderr: "pipe" });
+      const [out, code] = await Promise.all([new Response(p.stdout).text(), p.exited]);
+      expect(code).toBe(5);
+      expect(out).toBe("Z");
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
 
   test("a guest that writes port 0xF4 makes vmemd exit with that status", async () => {
     const s = await VmemdProcess.start(["--memory", "16M", "--guest", GUEST]);
