@@ -290,11 +290,32 @@ describe("concurrency and pipelining", () => {
     await server.expectFdCount(baseFds);
   });
 
-  test("an absurd num_file_mappings is refused at once", () => {
+  test("too many file mappings for the shm: refused, yet answered once after its chunks, in step", async () => {
     const shm = memfd(4096);
-    const chain = expectErr(client.request({ MmapAndRegisterMemory: { shm: { descriptor: shm, size: 4096 }, dest: { GuestPhysicalAddress: HIGH }, num_file_mappings: 2n ** 60n } }), "EINVAL");
-    expect(chain[0]).toContain("num_file_mappings");
-    sys.close(shm);
+    const files = Array.from({ length: 3 }, () => memfd(4096));
+    client.sendPacket(encodeRequest({ MmapAndRegisterMemory: { shm: { descriptor: shm, size: 4096 }, dest: { GuestPhysicalAddress: HIGH }, num_file_mappings: 3 } }));
+    client.inFlight--;
+    expect(client.tryRecv()).toBeUndefined(); // nothing yet: the chunks are still to come
+    client.sendPacket(encodeRequest(files.map((file) => ({ file, length: 4096, mem_offset: 0, file_offset: 0 }))));
+    const chain = expectErr(client.recv(), "EINVAL");
+    expect(chain[0]).toContain("num_file_mappings 3");
+    expect(chain.at(-1)).toBe("failed to mmap and register memory");
+    expect(expectErr(client.request({ UnregisterMemory: 0x1234000 }), "ENOENT")[0]).toContain("0x1234000"); // in step
+    closeAll([shm, ...files]);
+    await server.expectFdCount(baseFds);
+  });
+
+  test("an absurd num_file_mappings allocates nothing; the connection waits for chunks until the peer goes", async () => {
+    const c = server.connect();
+    const shm = memfd(4096);
+    c.sendPacket(encodeRequest({ MmapAndRegisterMemory: { shm: { descriptor: shm, size: 4096 }, dest: { GuestPhysicalAddress: HIGH }, num_file_mappings: 2n ** 60n } }));
+    const f = memfd(4096);
+    c.sendPacket(encodeRequest([{ file: f, length: 4096, mem_offset: 0, file_offset: 0 }]));
+    await Bun.sleep(50);
+    expect(c.tryRecv()).toBeUndefined();
+    c.close();
+    closeAll([shm, f]);
+    await server.expectFdCount(baseFds);
   });
 });
 

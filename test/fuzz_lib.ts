@@ -918,8 +918,20 @@ class SlotGen {
     const start = (count: number | bigint, label: string, check?: Check) =>
       ({ packet: { body: encode({ MmapAndRegisterMemory: { shm: { descriptor: 0, size: shm.size }, dest, num_file_mappings: count } }), fds: [shm.fd], label, check } }) as Action;
     if (r.chance(0.08)) {
+      // Refused at once (docs/protocol.md), but the server still reads the chunks and answers
+      // once after the last. A client that can send them does (more mappings than pages);
+      // one that declared an absurd count can only hang up.
       const count = r.pick<number | bigint>([pages + 1, 65537, 100_000, 2n ** 60n, U64_MAX]);
-      return start(count, "mmap-seq:absurd-count", Check.Einval);
+      if (count !== pages + 1) {
+        this.seq.push({ disconnect: "abrupt" });
+        return start(count, "mmap-seq:absurd-count");
+      }
+      for (let left = count as number; left > 0; left -= SCM_MAX_FD) {
+        const files: number[] = [];
+        const list = Array.from({ length: Math.min(left, SCM_MAX_FD) }, () => this.mapping(pages, files));
+        this.seq.push(this.chunkPacket(list, files, "mmap-seq:refused-chunk"));
+      }
+      return start(count, "mmap-seq:too-many-mappings");
     }
     const count = r.chance(0.85) ? r.range(1, Math.min(pages, 24)) : r.range(1, Math.min(pages, 600));
     const fate = r.weighted<string>([
@@ -940,8 +952,10 @@ class SlotGen {
     let remaining = count;
     for (let i = 0; i < sizes.length; i++) {
       if (i === at && fate === "bad-chunk") {
+        // A client does not know the server failed the request: it sends the rest too.
         actions.push(this.badChunk(remaining, pages));
-        break;
+        remaining -= sizes[i]!;
+        continue;
       }
       if (i === at && fate === "interrupted") {
         const v = this.valid();
@@ -1342,6 +1356,7 @@ class Conn {
   /** The model: chunks the server still expects for an MmapAndRegisterMemory (0: none). */
   pending = 0;
   private pendingReq: unknown = null;
+  private pendingFailed = false;
   readonly explicit: Packet[] = [];
   private next: Packet | null = null;
   /** Fuzz packets sent by this slot, and how many it may send before the next checkpoint. */
@@ -1380,6 +1395,7 @@ class Conn {
     const lost = this.fifo.splice(0);
     this.pending = 0;
     this.pendingReq = null;
+    this.pendingFailed = false;
     // A packet not sent yet goes out on the next connection, unless it was a sync or control one.
     if (this.next !== null && (this.next.marker !== undefined || this.next.onResponse !== undefined)) this.next = null;
     for (const ex of lost) ex.onResponse?.(undefined);
@@ -1534,20 +1550,23 @@ class Conn {
     const ex: Expect = { check: Check.Any, variant: null, req: null, fds: p.fds, label: p.label, body: p.body, pktNo: no, onResponse: p.onResponse };
     const decoded = p.body.length > MAX_PACKET ? undefined : decodeOrUndefined(p.body);
     if (this.pending > 0) {
-      // A follow-up chunk: a well-formed one is absorbed; anything else (oversized, empty and
-      // undecodable packets included) ends the request with one Err (docs/protocol.md).
+      // A follow-up chunk (docs/protocol.md): a well-formed one counts its mappings; anything
+      // else (oversized, empty and undecodable packets included) fails the request and counts
+      // as min(remaining, 253). One answer after the last: Err if anything failed.
       const n = decoded === undefined ? null : chunkLength(decoded.value, p.fds.length);
-      if (n !== null && n <= this.pending) {
-        this.pending -= n;
-        if (this.pending > 0) return null;
+      if (n !== null && n <= this.pending) this.pending -= n;
+      else {
+        this.pending -= Math.min(this.pending, SCM_MAX_FD);
+        this.pendingFailed = true;
+      }
+      if (this.pending > 0) return null;
+      if (this.pendingFailed) ex.check = Check.Chunk;
+      else {
         ex.variant = "MmapAndRegisterMemory";
         ex.req = this.pendingReq;
-        this.pendingReq = null;
-        return ex;
       }
-      this.pending = 0;
       this.pendingReq = null;
-      ex.check = Check.Chunk;
+      this.pendingFailed = false;
       return ex;
     }
     if (decoded === undefined) {
@@ -1569,10 +1588,8 @@ class Conn {
       if (variant === "MmapAndRegisterMemory") {
         const start = mmapStart(v, p.fds.length);
         if (start !== null && start.count > 0n) {
-          if (start.count > MAX_FILE_MAPPINGS || start.count > start.size / BigInt(PAGE)) {
-            ex.check = Check.Einval; // refused at once (docs/protocol.md)
-            return ex;
-          }
+          // Refused at once when absurd, yet still answered after its chunks (docs/protocol.md).
+          this.pendingFailed = start.count > MAX_FILE_MAPPINGS || start.count > start.size / BigInt(PAGE);
           this.pending = Number(start.count);
           this.pendingReq = v;
           return null;

@@ -24,7 +24,16 @@ export class MemoryMapping {
   /** Maps `size` bytes of `fd` over [offset, offset+size) of this mapping (MAP_FIXED). */
   mapFixed(offset: number, size: number, fd: number, fdOffset: number, prot: number): void {
     this.checkRange(offset, size);
-    sys.mmap(this.addr + offset, size, prot, sys.MAP_SHARED | sys.MAP_FIXED, fd, fdOffset);
+    try {
+      sys.mmap(this.addr + offset, size, prot, sys.MAP_SHARED | sys.MAP_FIXED, fd, fdOffset);
+    } catch (e) {
+      // Some kernels unmap the old range before a MAP_FIXED mmap fails: put the arena's
+      // memory back, so no hole is left for an unrelated mapping to land in.
+      try {
+        this.unmapFixed(offset, size);
+      } catch {}
+      throw e;
+    }
   }
 
   /** Puts read-only anonymous memory back over [offset, offset+size) (an arena's empty state). */

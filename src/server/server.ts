@@ -51,13 +51,18 @@ const READ_BUDGET = 64;
 /** Packets per recvmmsg. */
 const RECV_BATCH = 16;
 const READ_EVENTS = sys.EPOLLIN | sys.EPOLLRDHUP;
-const WRITE_EVENTS = sys.EPOLLOUT | sys.EPOLLRDHUP;
+// No EPOLLRDHUP here: a peer that has half-closed while responses wait would otherwise
+// wake the (level-triggered) loop over and over.
+const WRITE_EVENTS = sys.EPOLLOUT;
 
 /** An MmapAndRegisterMemory waiting for its follow-up packets; owns every descriptor received for it. */
 interface PendingMmap {
   req: Extract<VmMemoryRequest, { MmapAndRegisterMemory: unknown }>;
+  /** Mappings still expected (a count above 2^53 never completes: the peer can only hang up). */
   remaining: number;
   mappings: VmMemoryFileMapping[];
+  /** Set when the request has already failed: its chunks are read and dropped, then this is the answer. */
+  failure: VmMemoryError | null;
 }
 
 /** An ioeventfd a connection registered, kept (with a dup of its eventfd) to remove on disconnect. */
@@ -71,6 +76,8 @@ class Connection {
   /** Responses that did not fit in the socket; while any wait, no request is read (throttle). */
   readonly outbox: Uint8Array[] = [];
   pending: PendingMmap | null = null;
+  /** The peer has finished sending: answer what is owed, then close. */
+  closing = false;
   requests = 0;
   /** Regions this connection registered and that are still live. */
   readonly regions = new Set<RegionId>();
@@ -218,22 +225,32 @@ export class Server {
         return;
       }
       if (fd === -1) return;
-      const peer = sys.peerCred(fd);
-      if (this.opts.allowUids.length > 0 && !this.opts.allowUids.includes(peer.uid)) {
-        this.opts.log.warn("refused a peer not in --allow-uid", { ...peer });
-        sys.close(fd);
-        continue;
+      try {
+        this.admit(fd);
+      } catch (e) {
+        this.opts.log.warn("could not take a connection", { error: String(e) });
+        closeQuietly(fd);
       }
-      if (this.conns.size >= this.opts.maxConnections) {
-        this.opts.log.warn("refused a connection: limit reached", { limit: this.opts.maxConnections, ...peer });
-        sys.close(fd);
-        continue;
-      }
-      const conn = new Connection(fd, this.nextConnId++, peer);
-      this.conns.set(fd, conn);
-      this.epoll.add(fd, READ_EVENTS);
-      this.opts.log.info("client connected", { conn: conn.id, pid: peer.pid, uid: peer.uid, gid: peer.gid });
     }
+  }
+
+  /** Checks a new connection's peer and adds it to the loop (or closes it). */
+  private admit(fd: number): void {
+    const peer = sys.peerCred(fd);
+    if (this.opts.allowUids.length > 0 && !this.opts.allowUids.includes(peer.uid)) {
+      this.opts.log.warn("refused a peer not in --allow-uid", { ...peer });
+      sys.close(fd);
+      return;
+    }
+    if (this.conns.size >= this.opts.maxConnections) {
+      this.opts.log.warn("refused a connection: limit reached", { limit: this.opts.maxConnections, ...peer });
+      sys.close(fd);
+      return;
+    }
+    this.epoll.add(fd, READ_EVENTS);
+    const conn = new Connection(fd, this.nextConnId++, peer);
+    this.conns.set(fd, conn);
+    this.opts.log.info("client connected", { conn: conn.id, pid: peer.pid, uid: peer.uid, gid: peer.gid });
   }
 
   /**
@@ -242,7 +259,7 @@ export class Server {
    */
   private readAll(conn: Connection, events: number): void {
     let budget = READ_BUDGET;
-    while (budget > 0 && conn.outbox.length === 0) {
+    while (budget > 0 && conn.outbox.length === 0 && !conn.closing) {
       const want = Math.min(RECV_BATCH, budget);
       const n = this.rx.recv(conn.fd, want);
       if (n === -1) {
@@ -261,7 +278,10 @@ export class Server {
           const empty = len === 0 && fds.length === 0 && (flags & (sys.MSG_TRUNC | sys.MSG_CTRUNC)) === 0;
           if (empty && sys.pollOne(conn.fd, sys.POLLRDHUP, 0) & (sys.POLLRDHUP | sys.POLLHUP)) {
             this.flushBatch(conn);
-            return this.disconnect(conn);
+            // Responses still owed go out first: a half-closed peer may still be reading.
+            if (conn.outbox.length === 0) return this.disconnect(conn);
+            conn.closing = true;
+            return;
           }
           this.handlePacket(conn, this.rx.body(i), len, flags, fds);
         }
@@ -275,43 +295,67 @@ export class Server {
     }
   }
 
-  /** One packet. `fds` belong to this call until handed to a pending request; every other path closes them. */
+  /**
+   * One packet. Its descriptors belong to this call until a request is decoded; from then
+   * on the request owns them and exactly one path releases them: right after it executes,
+   * or, for an MmapAndRegisterMemory that waits for chunks, when it completes or the
+   * connection goes.
+   */
   private handlePacket(conn: Connection, body: Uint8Array, len: number, flags: number, fds: number[]): void {
-    let owned: number[] = fds;
     conn.requests++;
+    if (conn.pending !== null) return this.handleChunk(conn, body, len, flags, fds);
+    let req: VmMemoryRequest;
     try {
-      if (conn.pending !== null) {
-        owned = [];
-        return this.handleChunk(conn, body, len, flags, fds);
-      }
       this.checkPacket(len, flags, fds);
-      const req = decodeRequest(body, fds);
-      if (typeof req === "object" && ("RegisterMemory" in req || "MmapAndRegisterMemory" in req)) {
-        if (conn.regions.size >= this.opts.maxRegionsPerConnection) {
-          throw failure("ENOSPC", `this connection has ${conn.regions.size} live regions, the limit (--max-regions-per-connection)`)
-            .context(`failed to ${"RegisterMemory" in req ? "register memory" : "mmap and register memory"}`);
-        }
-      }
-      if (typeof req === "object" && "MmapAndRegisterMemory" in req) {
-        const count = req.MmapAndRegisterMemory.num_file_mappings;
-        const size = req.MmapAndRegisterMemory.shm.size;
-        if (count > this.opts.maxFileMappings || BigInt(count) > BigInt(size) / 4096n) {
-          throw failure("EINVAL", `num_file_mappings ${count} is more than the shm's pages or the limit ${this.opts.maxFileMappings}`)
-            .context("failed to mmap and register memory");
-        }
-        if (count > 0) {
-          req.MmapAndRegisterMemory.file_mappings = [];
-          conn.pending = { req, remaining: Number(count), mappings: req.MmapAndRegisterMemory.file_mappings };
-          owned = [];
-          return;
-        }
-      }
-      this.respond(conn, this.execute(conn, req));
+      req = decodeRequest(body, fds);
     } catch (e) {
+      for (const fd of fds) closeQuietly(fd); // no request was formed
+      return this.respond(conn, errResponse(e));
+    }
+    if (typeof req === "object" && "MmapAndRegisterMemory" in req) return this.startMmap(conn, req);
+    try {
+      const refused = typeof req === "object" && "RegisterMemory" in req ? this.regionLimit(conn, "register memory") : null;
+      this.respond(conn, refused !== null ? errResponse(refused) : this.execute(conn, req));
+    } catch (e) {
+      if (peerGone(e)) throw e;
       this.respond(conn, errResponse(e));
     } finally {
-      for (const fd of owned) closeQuietly(fd);
+      this.release(req);
     }
+  }
+
+  private regionLimit(conn: Connection, what: string): VmMemoryError | null {
+    if (conn.regions.size < this.opts.maxRegionsPerConnection) return null;
+    return failure("ENOSPC", `this connection has ${conn.regions.size} live regions, the limit (--max-regions-per-connection)`).context(
+      `failed to ${what}`,
+    );
+  }
+
+  /**
+   * MmapAndRegisterMemory: with chunks to come, it waits for them. A request refused at once
+   * (too many mappings for the shm or the limit, or the region limit) allocates nothing, but
+   * still reads its chunks, closing their descriptors, and answers once after the last:
+   * the client sends them whatever we decide, and must not be knocked out of step.
+   */
+  private startMmap(conn: Connection, req: Extract<VmMemoryRequest, { MmapAndRegisterMemory: unknown }>): void {
+    const m = req.MmapAndRegisterMemory;
+    const count = m.num_file_mappings;
+    let refused = this.regionLimit(conn, "mmap and register memory");
+    if (refused === null && (count > this.opts.maxFileMappings || BigInt(count) > BigInt(m.shm.size) / 4096n)) {
+      refused = failure("EINVAL", `num_file_mappings ${count} is more than the shm's pages or the limit ${this.opts.maxFileMappings}`).context(
+        "failed to mmap and register memory",
+      );
+    }
+    if (count === 0) {
+      try {
+        this.respond(conn, refused !== null ? errResponse(refused) : this.execute(conn, req));
+      } finally {
+        this.release(req);
+      }
+      return;
+    }
+    m.file_mappings = [];
+    conn.pending = { req, remaining: Number(count), mappings: m.file_mappings, failure: refused };
   }
 
   /** Limits every packet must meet before it is decoded (a request or a follow-up chunk). */
@@ -327,50 +371,68 @@ export class Server {
     }
   }
 
+  /**
+   * A follow-up packet of the pending MmapAndRegisterMemory. A malformed one fails the
+   * request and counts as the min(remaining, 253) mappings a sender chunking as crosvm
+   * does would have put in it, so the one answer still comes after the last chunk.
+   */
   private handleChunk(conn: Connection, body: Uint8Array, len: number, flags: number, fds: number[]): void {
-    const pending = conn.pending!;
+    const p = conn.pending!;
+    let taken: number;
     try {
       this.checkPacket(len, flags, fds);
       const chunk = decodeFileMappings(body, fds);
-      if (chunk.length > pending.remaining) {
-        throw failure("EINVAL", `chunk of ${chunk.length} file mappings exceeds the ${pending.remaining} still expected`)
-          .context("malformed file mapping chunk");
+      if (chunk.length > p.remaining) {
+        throw failure("EINVAL", `chunk of ${chunk.length} file mappings exceeds the ${p.remaining} still expected`).context(
+          "malformed file mapping chunk",
+        );
       }
-      pending.mappings.push(...chunk);
-      pending.remaining -= chunk.length;
+      taken = chunk.length;
+      if (p.failure === null) p.mappings.push(...chunk);
+      else for (const fd of fds) closeQuietly(fd); // the request has failed: nothing to keep
     } catch (e) {
-      // This packet's descriptors never joined the request: close them, then drop the request.
-      for (const fd of fds) closeQuietly(fd);
-      conn.pending = null;
-      this.release(pending.req);
-      this.respond(conn, errResponse(VmMemoryError.from(e).context("failed to mmap and register memory")));
-      return;
+      for (const fd of fds) closeQuietly(fd); // never joined the request
+      p.failure ??= VmMemoryError.from(e).context("failed to mmap and register memory");
+      taken = Math.min(p.remaining, sys.SCM_MAX_FD);
     }
-    if (pending.remaining > 0) return;
+    p.remaining -= taken;
+    if (p.remaining > 0) return;
     conn.pending = null;
     try {
-      this.respond(conn, this.execute(conn, pending.req));
+      this.respond(conn, p.failure !== null ? errResponse(p.failure) : this.execute(conn, p.req));
+    } catch (e) {
+      if (peerGone(e)) throw e;
+      this.respond(conn, errResponse(e));
     } finally {
-      this.release(pending.req);
+      this.release(p.req);
     }
   }
 
-  /** execute() never keeps a request's descriptors (mappings and KVM hold their own references). */
+  /** Runs a request; its descriptors stay with the caller (mappings and KVM keep their own references). */
   private execute(conn: Connection, req: VmMemoryRequest): VmMemoryResponse {
+    // --release-on-disconnect keeps its own copy of an ioevent's eventfd, taken before KVM
+    // has it: if the copy cannot be made, nothing gets registered that could not be removed.
+    const keep =
+      this.opts.releaseOnDisconnect && typeof req === "object" && "IoEventRaw" in req && req.IoEventRaw.register
+        ? sys.dupCloexec(req.IoEventRaw.event)
+        : -1;
+    let resp: VmMemoryResponse;
     try {
-      const resp = execute(req, this.ctx);
-      if (typeof req === "object") this.account(conn, req, resp);
-      if (this.opts.log.enabled("debug")) {
-        this.opts.log.debug("request", { conn: conn.id, resp: typeof resp === "string" ? resp : Object.keys(resp)[0] });
-      }
-      return resp;
-    } finally {
-      if (!(typeof req === "object" && "MmapAndRegisterMemory" in req)) this.release(req);
+      resp = execute(req, this.ctx);
+    } catch (e) {
+      if (keep !== -1) closeQuietly(keep);
+      throw e;
     }
+    if (typeof req === "object") this.account(conn, req, resp, keep);
+    else if (keep !== -1) closeQuietly(keep);
+    if (this.opts.log.enabled("debug")) {
+      this.opts.log.debug("request", { conn: conn.id, resp: typeof resp === "string" ? resp : Object.keys(resp)[0] });
+    }
+    return resp;
   }
 
   /** Records what a successful request made a connection own. */
-  private account(conn: Connection, req: Exclude<VmMemoryRequest, string>, resp: VmMemoryResponse): void {
+  private account(conn: Connection, req: Exclude<VmMemoryRequest, string>, resp: VmMemoryResponse, keep: number): void {
     if (typeof resp === "object" && "RegisterMemory" in resp) {
       const id = Number(resp.RegisterMemory.region_id);
       conn.regions.add(id);
@@ -382,13 +444,15 @@ export class Server {
     } else if (resp === "Ok" && "IoEventRaw" in req && this.opts.releaseOnDisconnect) {
       const r = req.IoEventRaw;
       if (r.register) {
-        conn.ioevents.push({ event: sys.dup(r.event), addr: r.addr, datamatch: r.datamatch });
+        conn.ioevents.push({ event: keep, addr: r.addr, datamatch: r.datamatch });
+        return;
       } else {
         const key = ioeventKey(r.addr, r.datamatch);
         const i = conn.ioevents.findIndex((e) => ioeventKey(e.addr, e.datamatch) === key);
         if (i !== -1) closeQuietly(conn.ioevents.splice(i, 1)[0]!.event);
       }
     }
+    if (keep !== -1) closeQuietly(keep);
   }
 
   /** --release-on-disconnect: removes what the connection registered and still owns. */
@@ -454,10 +518,10 @@ export class Server {
     let sent = 0;
     while (sent < conn.outbox.length && this.io.send(conn.fd, conn.outbox[sent]!)) sent++;
     conn.outbox.splice(0, sent);
-    if (conn.outbox.length === 0) {
-      this.epoll.modify(conn.fd, READ_EVENTS);
-      this.readAll(conn, 0);
-    }
+    if (conn.outbox.length > 0) return;
+    if (conn.closing) return this.disconnect(conn);
+    this.epoll.modify(conn.fd, READ_EVENTS);
+    this.readAll(conn, 0);
   }
 
   private disconnect(conn: Connection): void {
@@ -505,6 +569,11 @@ function ioeventKey(addr: U64, dm: Datamatch): string {
 function errResponse(e: unknown): VmMemoryResponse {
   const err = VmMemoryError.from(e);
   return { Err: { errno: err.errno, chain: err.chain } };
+}
+
+/** The peer is gone: the connection ends, instead of an Err nobody would read. */
+function peerGone(e: unknown): boolean {
+  return e instanceof sys.SysError && (e.errno === sys.Errno.EPIPE || e.errno === sys.Errno.ECONNRESET);
 }
 
 function closeQuietly(fd: number): void {

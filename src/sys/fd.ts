@@ -42,9 +42,12 @@ export function close(fd: number): void {
   check("close", libc.close(fd));
 }
 
-export function dup(fd: number): number {
+export const F_DUPFD_CLOEXEC = 1030;
+
+/** A new descriptor for the same open file, close-on-exec like every descriptor vmemd holds. */
+export function dupCloexec(fd: number): number {
   checkFault("dup");
-  return check("dup", libc.dup(fd));
+  return check("fcntl(F_DUPFD_CLOEXEC)", libc.fcntl(fd, F_DUPFD_CLOEXEC, 0));
 }
 
 export function read(fd: number, buf: Uint8Array): number {

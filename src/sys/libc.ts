@@ -2,7 +2,7 @@
 // nothing outside src/sys imports bun:ffi (DESIGN.md, layers).
 import { dlopen, FFIType } from "bun:ffi";
 
-const { i32, u32, u64, i64_fast, u64_fast, ptr } = FFIType;
+const { i32, u32, u64, i64_fast, ptr } = FFIType;
 
 export const libc = dlopen("libc.so.6", {
   __errno_location: { args: [], returns: ptr },
@@ -16,7 +16,9 @@ export const libc = dlopen("libc.so.6", {
   // the same symbol take a struct pointer or a plain integer (BUN_NOTES.md).
   ioctl: { args: [i32, u64, ptr], returns: i32 },
   fcntl: { args: [i32, i32, u64], returns: i32 },
-  mmap: { args: [ptr, u64, i32, i32, i32, u64], returns: u64_fast },
+  // i64_fast: MAP_FAILED comes back as the number -1 and addresses (below 2^47) as numbers,
+  // so reading errno after a failure allocates nothing first.
+  mmap: { args: [ptr, u64, i32, i32, i32, u64], returns: i64_fast },
   munmap: { args: [ptr, u64], returns: i32 },
   madvise: { args: [ptr, u64, i32], returns: i32 },
   memfd_create: { args: [ptr, u32], returns: i32 },

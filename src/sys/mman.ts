@@ -21,7 +21,6 @@ export const PAGE_SIZE = 4096;
 /** A host virtual address, as returned by mmap. */
 export type HostAddress = number;
 
-const MAP_FAILED = 0xffff_ffff_ffff_ffffn;
 
 export function mmap(
   addr: HostAddress,
@@ -32,11 +31,8 @@ export function mmap(
   offset: number,
 ): HostAddress {
   checkFault("mmap");
-  const p = libc.mmap(addr, length, prot, flags, fd, offset);
-  if (typeof p === "bigint") {
-    if (p === MAP_FAILED) throw new SysError("mmap", lastErrno());
-    throw new SysError("mmap", 14 /* EFAULT: address beyond 2^53 */);
-  }
+  const p = libc.mmap(addr, length, prot, flags, fd, offset) as number;
+  if (p === -1) throw new SysError("mmap", lastErrno());
   return p;
 }
 

@@ -96,10 +96,15 @@ export interface PeerCred {
   gid: number;
 }
 export function peerCred(fd: number): PeerCred {
-  const cred = new Int32Array(3); // struct ucred
+  const cred = new Uint32Array(3); // struct ucred { pid_t pid; uid_t uid; gid_t gid; }
   const len = new Uint32Array([12]);
   check("getsockopt(SO_PEERCRED)", libc.getsockopt(fd, SOL_SOCKET, SO_PEERCRED, cred, len));
-  return { pid: cred[0]!, uid: cred[1]!, gid: cred[2]! };
+  return { pid: cred[0]! | 0, uid: cred[1]!, gid: cred[2]! };
+}
+
+/** shutdown(SHUT_WR): this end sends no more; the peer reads end of stream. */
+export function shutdownWrite(fd: number): void {
+  check("shutdown", libc.shutdown(fd, 1 /* SHUT_WR */));
 }
 
 export function shutdown(fd: number): void {
@@ -178,8 +183,8 @@ export class PacketIo {
     this.recvHdr.setInt32(48, 0, true);
     const n = libc.recvmsg(fd, this.recvHdrPtr, MSG_CMSG_CLOEXEC | MSG_DONTWAIT) as number;
     if (n === -1) {
+      const errno = lastErrno(); // first: an allocation could run the collector, which may reset errno
       this.fds = [];
-      const errno = lastErrno();
       if (errno === EAGAIN || errno === EINTR) return -1;
       throw new SysError("recvmsg", errno);
     }
@@ -190,6 +195,7 @@ export class PacketIo {
 
   /** Sends one packet: true when sent, false when the socket would block. */
   send(fd: number, body: Uint8Array, fds: readonly number[] = []): boolean {
+    if (fds.length > SCM_MAX_FD) throw new SysError(`sendmsg: ${fds.length} descriptors, more than SCM_MAX_FD (${SCM_MAX_FD})`, 22);
     this.sendIov[0] = body.byteLength === 0 ? 0n : BigInt(ptr(body));
     this.sendIov[1] = BigInt(body.byteLength);
     if (fds.length > 0) {
