@@ -79,6 +79,12 @@ function deepFreeze<T>(v: T): T {
 // Shared by every request built; the mutator works on deep copies (frozen, so a slip throws).
 deepFreeze(ALLOC_SET);
 
+/**
+ * More mappings than any sequence the generator means to complete (it declares at most 600):
+ * such a count comes from a mutation, and a client that sent it could only hang up.
+ */
+const DOOMED_PENDING = 600;
+
 export const VARIANTS = [
   "PrepareSharedMemoryRegion",
   "RegisterMemory",
@@ -1494,6 +1500,14 @@ class Conn {
       }
     }
     for (;;) {
+      // An MmapAndRegisterMemory that declared more mappings than any client could send
+      // (mutations make such counts) keeps the server reading chunks until the peer goes
+      // (docs/protocol.md): once its answers are in, a real client could only hang up.
+      if (this.pending > DOOMED_PENDING && this.fifo.length === 0) {
+        this.engine.stats.abandonedByCount++;
+        this.reconnect();
+        return true;
+      }
       const p = this.next ?? this.produce();
       if (p === null) break;
       let ok: boolean;
@@ -1702,6 +1716,8 @@ class Stats {
   errnos = new Map<string, number>();
   sentByLabel = new Map<string, number>();
   sendRefused = new Map<string, number>();
+  /** Connections dropped because a request declared an absurd num_file_mappings. */
+  abandonedByCount = 0;
   checkpoints = 0;
   peakRegions = 0;
   /** GetState answered EMSGSIZE (State larger than a packet), and regions unregistered to make it fit. */
@@ -2191,6 +2207,7 @@ function formatReport(opts: FuzzOptions, r: FuzzReport, server: FuzzServer): str
     `slots_used ${f.slotsUsed} = ${f.ramSlots} RAM + ${f.preparedArenas} prepared arenas; allocations: ${(f.allocations as string[] | undefined)?.join(", ") ?? "n/a"}`,
     `server exit on SIGTERM: ${f.serverExit}; server WARN/ERROR log lines: ${f.serverWarnings}`,
   ];
+  if (s.abandonedByCount > 0) lines.push(`connections hung up on after an absurd num_file_mappings: ${s.abandonedByCount}`);
   if (s.sendRefused.size > 0) lines.push(`packets the kernel refused to send (not counted): ${sortDesc(s.sendRefused)}`);
   if (server.warnings.length > 0) lines.push("first server warnings:", ...server.warnings.slice(0, 5).map((l) => "  " + l));
   lines.push(`violations: ${r.violationCount}${r.violationCount ? " (" + Object.entries(r.violationsByKind).map(([k, v]) => `${k} ${v}`).join(", ") + ")" : ""}`);
