@@ -1,6 +1,8 @@
 // Hand-written fast paths for the shapes that make up most traffic. Each one returns
 // exactly what the zod schema in schema.ts would return for the same value, or undefined
-// for anything else, and then zod decides (and explains what is wrong). The schema stays
+// for anything else, and then zod decides (and explains what is wrong). Values are checked
+// in place, and uint 64 bigints up to 2^53 become numbers in place, as the schema converts
+// them; that leaves what zod will see just as valid or invalid as before. The schema stays
 // the one definition of the protocol: test/protocol.test.ts feeds both the same generated
 // values, valid and broken, and requires the fast path never to accept what zod refuses,
 // nor to return anything zod would not.
@@ -21,9 +23,21 @@ function exactly(v: unknown, keys: readonly string[]): v is Record<string, unkno
   return true;
 }
 
-/** An unsigned integer that zod's number branch takes as it is (bigints go to zod). */
-function uint(v: unknown, max = MAX_SAFE): v is number {
-  return typeof v === "number" && Number.isInteger(v) && v >= 0 && v <= max;
+const MAX_SAFE_BIG = BigInt(MAX_SAFE);
+
+/**
+ * `o[k]` is an unsigned integer up to `max` (at most 2^53), as the schema's uint does it:
+ * a uint 64 on the wire decodes as a bigint, and comes out as a number, converted here in
+ * place. A bigint above 2^53 stays for zod, which keeps it a bigint.
+ */
+function uint(o: Record<string | number, unknown>, k: string | number, max = MAX_SAFE): boolean {
+  const v = o[k];
+  if (typeof v === "number") return Number.isInteger(v) && v >= 0 && v <= max;
+  if (typeof v !== "bigint" || v < 0n || v > MAX_SAFE_BIG) return false;
+  const n = Number(v);
+  if (n > max) return false;
+  o[k] = n;
+  return true;
 }
 
 function single(v: unknown): string | undefined {
@@ -46,10 +60,13 @@ const EXISTING = ["allocation", "offset"] as const;
 function source(v: unknown): boolean {
   const kind = single(v);
   const o = v as Record<string, Record<string, unknown>>;
-  if (kind === "SharedMemory") return exactly(o.SharedMemory, FD) && uint(o.SharedMemory.descriptor, 252) && uint(o.SharedMemory.size);
+  if (kind === "SharedMemory") {
+    const m = o.SharedMemory;
+    return exactly(m, FD) && uint(m, "descriptor", 252) && uint(m, "size");
+  }
   if (kind === "Descriptor") {
     const d = o.Descriptor;
-    return exactly(d, DESCRIPTOR) && uint(d.descriptor, 252) && uint(d.offset) && uint(d.size);
+    return exactly(d, DESCRIPTOR) && uint(d, "descriptor", 252) && uint(d, "offset") && uint(d, "size");
   }
   return false;
 }
@@ -57,17 +74,17 @@ function source(v: unknown): boolean {
 function dest(v: unknown): boolean {
   const kind = single(v);
   const o = v as Record<string, unknown>;
-  if (kind === "GuestPhysicalAddress") return uint(o.GuestPhysicalAddress);
+  if (kind === "GuestPhysicalAddress") return uint(o, "GuestPhysicalAddress");
   if (kind !== "ExistingAllocation") return false;
   const e = o.ExistingAllocation;
-  if (!exactly(e, EXISTING) || !uint(e.offset) || single(e.allocation) !== "PciBar") return false;
+  if (!exactly(e, EXISTING) || !uint(e, "offset") || single(e.allocation) !== "PciBar") return false;
   const bar = (e.allocation as Record<string, unknown>).PciBar;
-  return exactly(bar, PCI) && uint(bar.bus, 255) && uint(bar.dev, 255) && uint(bar.func, 255) && uint(bar.bar, 255);
+  return exactly(bar, PCI) && uint(bar, "bus", 255) && uint(bar, "dev", 255) && uint(bar, "func", 255) && uint(bar, "bar", 255);
 }
 
 function ranges(v: unknown): boolean {
   if (!Array.isArray(v)) return false;
-  for (const r of v) if (!Array.isArray(r) || r.length !== 2 || !uint(r[0]) || !uint(r[1])) return false;
+  for (const r of v) if (!Array.isArray(r) || r.length !== 2 || !uint(r as unknown as Record<number, unknown>, 0) || !uint(r as unknown as Record<number, unknown>, 1)) return false;
   return true;
 }
 
@@ -78,9 +95,9 @@ export function fastRequest(value: unknown): VmMemoryRequest | undefined {
   const p = (value as Record<string, unknown>)[variant];
   switch (variant) {
     case "BalloonTargetReached":
-      return exactly(p, ["size"]) && uint(p.size) ? (value as VmMemoryRequest) : undefined;
+      return exactly(p, ["size"]) && uint(p, "size") ? (value as VmMemoryRequest) : undefined;
     case "UnregisterMemory":
-      return uint(p) ? (value as VmMemoryRequest) : undefined;
+      return uint(value as Record<string, unknown>, variant) ? (value as VmMemoryRequest) : undefined;
     case "RegisterMemory":
       if (!exactly(p, REGISTER) || !source(p.source) || !dest(p.dest)) return undefined;
       if (!exactly(p.prot, PROT) || typeof p.prot.read !== "boolean" || typeof p.prot.write !== "boolean") return undefined;
@@ -99,7 +116,7 @@ export function fastResponse(value: unknown): VmMemoryResponse | undefined {
   const variant = single(value);
   const p = variant === undefined ? undefined : (value as Record<string, unknown>)[variant];
   if (variant === "RegisterMemory") {
-    return exactly(p, ["region_id", "slot"]) && uint(p.region_id) && uint(p.slot, 0xffff_ffff) ? (value as VmMemoryResponse) : undefined;
+    return exactly(p, ["region_id", "slot"]) && uint(p, "region_id") && uint(p, "slot", 0xffff_ffff) ? (value as VmMemoryResponse) : undefined;
   }
   if (variant === "Err") {
     if (!exactly(p, ["errno", "chain"]) || !Array.isArray(p.chain)) return undefined;
