@@ -64,9 +64,15 @@ export function encodeMemoryRegion(
 ): void {
   buf.setUint32(0, slot, true);
   buf.setUint32(4, flags, true);
-  buf.setBigUint64(8, BigInt(guestPhysAddr), true);
-  buf.setBigUint64(16, BigInt(memorySize), true);
-  buf.setBigUint64(24, BigInt(userspaceAddr), true);
+  setU64(buf, 8, guestPhysAddr);
+  setU64(buf, 16, memorySize);
+  setU64(buf, 24, userspaceAddr);
+}
+
+/** A u64 field from a number below 2^53, as two 32-bit halves: no BigInt on the hot path. */
+function setU64(buf: DataView, offset: number, value: number): void {
+  buf.setUint32(offset, value >>> 0, true);
+  buf.setUint32(offset + 4, Math.floor(value / 0x1_0000_0000), true);
 }
 
 // struct kvm_ioeventfd (64 bytes): datamatch@0, addr@8, len@16, fd@20, flags@24.
