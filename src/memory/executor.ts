@@ -134,11 +134,18 @@ const FILE_TYPES: Record<number, string> = {
 /**
  * Checks that [offset, offset+size) of `fd` can back guest memory: a regular file or
  * memfd, with the whole range inside it, so a guest access never faults on a short file.
+ * A memfd that allows sealing is sealed against shrinking first, so the size checked is
+ * the size for good. (The seal stays even when the request is refused later.)
  */
 function checkMemorySource(fd: Fd, offset: number, size: number, what: string): void {
   if (size === 0) throw failure("EINVAL", `${what}: size is zero`);
   pageAligned(size, `${what}: size`);
   pageAligned(offset, `${what}: offset`);
+  try {
+    sys.fcntl(fd, sys.F_ADD_SEALS, sys.F_SEAL_SHRINK);
+  } catch {
+    // Not a memfd, or sealing not allowed: the size check below is what protects us then.
+  }
   const st = withContext(`${what}: cannot inspect descriptor ${fd}`, () => sys.fstat(fd));
   const type = st.mode & sys.S_IFMT;
   if (type !== sys.S_IFREG) {
@@ -151,20 +158,6 @@ function checkSize(objectSize: number, offset: number, size: number, what: strin
   if (offset + size > objectSize) {
     throw failure("EINVAL", `${what}: range ${hex(offset)}+${hex(size)} extends past the end of the object (${hex(objectSize)} bytes)`);
   }
-}
-
-/**
- * Right before mapping an accepted source: seals a memfd against shrinking where it allows
- * sealing, then checks the size again, so a client that truncated it after the first check
- * is caught and one that tries later cannot. A refused request leaves the object unsealed.
- */
-function sealAndRecheck(fd: Fd, offset: number, size: number, what: string): void {
-  try {
-    sys.fcntl(fd, sys.F_ADD_SEALS, sys.F_SEAL_SHRINK);
-  } catch {
-    // Not a memfd, or sealing not allowed: the size check is what protects us then.
-  }
-  checkSize(withContext(`${what}: cannot inspect descriptor ${fd}`, () => sys.fstat(fd)).size, offset, size, what);
 }
 
 /** Checks [guest, guest+size) is free guest physical space: aligned, below the limit, overlapping neither RAM nor a region. */
@@ -249,7 +242,6 @@ function registerMemory(
 
   const guest = placement.guest;
   checkFreeGuestRange(ctx, guest, src.size);
-  sealAndRecheck(src.fd, src.offset, src.size, "memory source");
   const mapping = withContext("failed to map the memory source", () =>
     MemoryMapping.fromDescriptor(src.fd, src.offset, src.size, protection),
   );
@@ -280,7 +272,6 @@ function mapIntoArena(
     throw failure("ENOSPC", `guest range ${hex(guest)}..${hex(end)} overlaps region ${hex(hit.start)} in the prepared region of ${describeAlloc(arena.alloc)}`);
   }
   const offset = guest - arena.start;
-  sealAndRecheck(src.fd, src.offset, src.size, "memory source");
   withContext(() => `failed to add fd mapping at offset ${hex(offset)} of the prepared region of ${describeAlloc(arena.alloc)}`, () =>
     ctx.vm.addFdMapping(arena.slot, offset, src.size, src.fd, src.offset, protection),
   );
@@ -350,8 +341,6 @@ function mmapAndRegisterMemory(
   }
   const guest = placement.guest;
   checkFreeGuestRange(ctx, guest, size);
-  sealAndRecheck(shm.descriptor, 0, size, "shm");
-  checked.forEach((f, i) => sealAndRecheck(f.fd, f.fileOffset, f.length, `file mapping ${i}`));
   const mapping = withContext("failed to map the shm", () => MemoryMapping.fromDescriptor(shm.descriptor, 0, size, sys.PROT_READ));
   try {
     for (let i = 0; i < checked.length; i++) {
