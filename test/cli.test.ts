@@ -62,6 +62,31 @@ describe("one binary", () => {
   });
 });
 
+describe("--die-with-parent", () => {
+  test("vmemd stops and removes its socket when the process that started it exits", async () => {
+    requireBinary();
+    const sock = `/tmp/vmemd-dwp-${process.pid}.sock`;
+    const parent = Bun.spawn(
+      [process.execPath, "-e", `const p = Bun.spawn([${JSON.stringify(BINARY)}, "serve", "--socket", ${JSON.stringify(sock)}, "--memory", "16M", "--die-with-parent"], { stdout: "ignore", stderr: "ignore" }); await Bun.sleep(500); console.log(p.pid); process.exit(0);`],
+      { stdout: "pipe" },
+    );
+    const pid = Number((await new Response(parent.stdout).text()).trim());
+    expect(await parent.exited).toBe(0);
+    expect(pid).toBeGreaterThan(0);
+    let alive = true;
+    for (let i = 0; i < 200 && alive; i++) {
+      await Bun.sleep(10);
+      try {
+        process.kill(pid, 0);
+      } catch {
+        alive = false;
+      }
+    }
+    expect(alive).toBe(false);
+    expect(require("node:fs").existsSync(sock)).toBe(false);
+  });
+});
+
 describe("ctl against a running server", () => {
   let s: VmemdProcess;
   beforeAll(async () => {

@@ -33,7 +33,9 @@ export class VmemdProcess {
     requireKvm();
     requireBinary();
     const p = new VmemdProcess(args);
-    p.proc = Bun.spawn([BINARY, "serve", "--socket", p.socket, ...args], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
+    // --die-with-parent: a test process that crashes must not leave servers (and guests
+    // spinning on the CPU) behind to skew whatever runs next.
+    p.proc = Bun.spawn([BINARY, "serve", "--socket", p.socket, "--die-with-parent", ...args], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
     p.collect();
     const deadline = Date.now() + 10_000;
     for (;;) {

@@ -24,6 +24,7 @@ Creates a KVM virtual machine and serves its memory plane on PATH.
   --max-packet SIZE         largest request packet (default 64K, the protocol's maximum)
   --max-fds-per-packet N    descriptors in one packet (default 253, the kernel's SCM_MAX_FD)
   --release-on-disconnect   remove a client's regions and ioevents when it disconnects
+  --die-with-parent         stop (as on SIGTERM) when the process that started vmemd exits
   --guest FILE              run FILE as the guest (docs/boot.md)
   --serial PATH             write the guest's serial output to PATH (default: stdout)
   --log-level LEVEL         debug, info, warn, error (default info)
@@ -43,6 +44,7 @@ const SPEC = {
   "max-packet": { value: true },
   "max-fds-per-packet": { value: true },
   "release-on-disconnect": { value: false },
+  "die-with-parent": { value: false },
   guest: { value: true },
   serial: { value: true },
   "log-level": { value: true },
@@ -51,6 +53,7 @@ const SPEC = {
 };
 
 export async function serve(argv: string[]): Promise<number> {
+  const parentAtStart = sys.getppid();
   const p = parseFlags(argv, SPEC, "vmemd serve");
   if (p.flags.has("help")) {
     process.stdout.write(SERVE_HELP);
@@ -113,6 +116,8 @@ export async function serve(argv: string[]): Promise<number> {
     const onSignal = (sig: string) => () => server.stop(sig, 0);
     process.on("SIGTERM", onSignal("SIGTERM"));
     process.on("SIGINT", onSignal("SIGINT"));
+    // For supervisors and test harnesses: a parent that dies must not leave vmemd behind.
+    if (p.flags.has("die-with-parent")) sys.dieWithParent(15 /* SIGTERM */, parentAtStart);
     // The guest first: a bad --guest fails before there is a socket file to leave behind.
     // Its modules load only when a guest runs.
     const guestPath = flag(p, "guest");

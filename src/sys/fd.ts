@@ -166,6 +166,21 @@ export function pipe(): [number, number] {
   return [fds[0]!, fds[1]!];
 }
 
+const PR_SET_PDEATHSIG = 1; // linux/prctl.h
+
+/**
+ * Asks the kernel to send `signal` to this process when the process that started it exits,
+ * and sends it at once if that has already happened (the parent changed meanwhile).
+ */
+export function dieWithParent(signal: number, expectedParent: number): void {
+  check("prctl(PR_SET_PDEATHSIG)", libc.prctl(PR_SET_PDEATHSIG, signal, 0, 0, 0));
+  if (libc.getppid() !== expectedParent) process.kill(process.pid, signal);
+}
+
+export function getppid(): number {
+  return libc.getppid();
+}
+
 export function getpid(): number {
   return libc.getpid();
 }

@@ -49,6 +49,8 @@ export const libc = dlopen("libc.so.6", {
   epoll_ctl: { args: [i32, i32, i32, ptr], returns: i32 },
   epoll_wait: { args: [i32, ptr, i32, i32], returns: i32 },
   getpid: { args: [], returns: i32 },
+  getppid: { args: [], returns: i32 },
+  prctl: { args: [i32, u64, u64, u64, u64], returns: i32 },
   gettid: { args: [], returns: i32 },
   tgkill: { args: [i32, i32, i32], returns: i32 },
   pthread_sigmask: { args: [i32, ptr, ptr], returns: i32 },
