@@ -105,11 +105,6 @@ export type VmMemoryResponse =
   | { State: VmState }
   | { Allocated: { start: U64; size: U64 } };
 
-/** The variant name of a request (its single key, or the unit string). */
-export function requestKind(req: VmMemoryRequest): string {
-  return typeof req === "string" ? req : Object.keys(req)[0]!;
-}
-
 /** A place in a request that holds a descriptor: `holder[key]`. */
 export interface DescriptorSlot {
   holder: Record<string, unknown>;

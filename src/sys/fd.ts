@@ -58,9 +58,6 @@ export function write(fd: number, buf: Uint8Array): number {
   return check("write", libc.write(fd, buf, buf.byteLength) as number);
 }
 
-export function pread(fd: number, buf: Uint8Array, offset: number): number {
-  return check("pread", libc.pread(fd, buf, buf.byteLength, offset) as number);
-}
 
 export function pwriteAll(fd: number, buf: Uint8Array, offset: number): void {
   let done = 0;

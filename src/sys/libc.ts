@@ -10,7 +10,6 @@ export const libc = dlopen("libc.so.6", {
   close: { args: [i32], returns: i32 },
   read: { args: [i32, ptr, u64], returns: i64_fast },
   write: { args: [i32, ptr, u64], returns: i64_fast },
-  pread: { args: [i32, ptr, u64, u64], returns: i64_fast },
   pwrite: { args: [i32, ptr, u64, u64], returns: i64_fast },
   // Variadic in C; declaring the third argument as a pointer-sized value lets
   // the same symbol take a struct pointer or a plain integer (BUN_NOTES.md).
