@@ -197,11 +197,8 @@ export class Server {
         this.tx.clear();
         this.txConn = null;
       }
-      const errno = e instanceof sys.SysError ? e.errno : 0;
       // A peer that hangs up with responses owed is a disconnect, not a failure.
-      if (errno !== sys.Errno.EPIPE && errno !== sys.Errno.ECONNRESET) {
-        this.opts.log.warn("connection failed", { conn: conn.id, error: String(e) });
-      }
+      if (!peerGone(e)) this.opts.log.warn("connection failed", { conn: conn.id, error: String(e) });
       this.disconnect(conn);
     }
   }
