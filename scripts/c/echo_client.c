@@ -33,6 +33,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common.h"
+
 #define TIMEOUT_MS 10000
 #define MAX_BODY 65536
 
@@ -58,12 +60,6 @@ static void fail(const char *msg) {
     exit(1);
 }
 
-static uint64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
 static uint64_t parse_count(const char *s, const char *name) {
     char *end;
     errno = 0;
@@ -81,21 +77,6 @@ static void check_answer(ssize_t n) {
         first_bad_len = (int)n;
         memcpy(first_bad, rbuf, n < 16 ? (size_t)n : 16);
     }
-}
-
-static int cmp_u64(const void *a, const void *b) {
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return (x > y) - (x < y);
-}
-
-/* Nearest rank: the smallest sample with at least p of all samples <= it. */
-static uint64_t pct(const uint64_t *sorted, uint64_t n, double p) {
-    double r = p * (double)n;
-    uint64_t k = (uint64_t)r;
-    if ((double)k < r) k++;
-    if (k < 1) k = 1;
-    if (k > n) k = n;
-    return sorted[k - 1];
 }
 
 static void run_rtt(int fd, uint64_t n) {

@@ -25,32 +25,13 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common.h"
+
 #define PAGE 4096ull
 
 static void die(const char *what) {
     fprintf(stderr, "madvise_free: %s: %s\n", what, strerror(errno));
     exit(1);
-}
-
-static uint64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-static uint64_t parse_size(const char *s) {
-    char *end;
-    errno = 0;
-    if (s[0] == '-') return 0;
-    unsigned long long v = strtoull(s, &end, 10);
-    if (errno || end == s) return 0;
-    unsigned shift = 0;
-    if (*end == 'K' || *end == 'k') shift = 10, end++;
-    else if (*end == 'M' || *end == 'm') shift = 20, end++;
-    else if (*end == 'G' || *end == 'g') shift = 30, end++;
-    if (*end) return 0;
-    if (shift && v > (UINT64_MAX >> shift)) return 0;
-    return (uint64_t)v << shift;
 }
 
 int main(int argc, char **argv) {
