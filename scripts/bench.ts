@@ -22,6 +22,10 @@ if (process.env.VMEMD_BENCH_PINNED === undefined && Bun.which("taskset") !== nul
 const BINARY = join(ROOT, "dist", "vmemd");
 const work = mkdtempSync(join(tmpdir(), "vmemd-bench-"));
 const quick = process.argv.includes("--quick");
+/** `--only rtt,register,regions,startup,memory,free`: run just those sections (for iterating on one figure). */
+const onlyArg = process.argv.find((a) => a.startsWith("--only="))?.slice("--only=".length);
+const only = onlyArg === undefined ? null : new Set(onlyArg.split(","));
+const wanted = (section: string) => only === null || only.has(section);
 const scale = (n: number) => (quick ? Math.max(1, Math.floor(n / 10)) : n);
 const MiB = 1 << 20;
 /** Alternating runs per comparison; the best of each side is reported (see the round trip). */
@@ -145,10 +149,11 @@ async function main(): Promise<void> {
   const madviseFree = compile("madvise_free");
 
   // 1, 2: round trip and pipelined throughput, the same C client against both servers.
-  {
+  if (wanted("rtt") || wanted("register")) {
     const echo = await startEcho(echoServer);
     const v = await startVmemd(["--memory", "64M"]);
     const n = String(scale(20000));
+    if (wanted("rtt")) {
     // Warm-up: JIT tiers and caches settle first, for both servers alike.
     runJson([echoClient, echo.socket, "rtt", n]);
     runJson([echoClient, v.socket, "rtt", n]);
@@ -180,13 +185,14 @@ async function main(): Promise<void> {
     figure("round trip, p99.9", us(vRtt.p999_ns!), us(cRtt.p999_ns!), p999, "≤ 3×", p999 <= 3);
     const t = vPipe.per_second! / cPipe.per_second!;
     figure("pipelined, 32 in flight", `${Math.round(vPipe.per_second!)}/s`, `${Math.round(cPipe.per_second!)}/s`, t, "≥ 0.8×", t >= 0.8);
+    }
 
     // 3: RegisterMemory + UnregisterMemory vs the same work done in C in-process, plus two
     // echo round trips of the very same packets (descriptor and all), same (Bun) client.
     const client = VmemClient.connect(v.socket);
     const echoClientBun = VmemClient.connect(echo.socket);
     raw.register = {};
-    for (const size of [4096, 2 * MiB]) {
+    for (const size of wanted("register") ? [4096, 2 * MiB] : []) {
       const fd = memfd(size);
       const guestOf = (i: number) => 0x40_0000_0000 + (i % 16) * 4 * MiB;
       registerCycles(client, fd, size, scale(300), guestOf); // warm-up
@@ -214,7 +220,7 @@ async function main(): Promise<void> {
 
   // 4: cost per request as live regions grow.
   const regionRows: { live: number; median_ns: number }[] = [];
-  {
+  if (wanted("regions")) {
     const v = await startVmemd(["--memory", "64M", "--max-regions-per-connection", "40000"]);
     const client = VmemClient.connect(v.socket);
     const fd = memfd(4096);
@@ -241,7 +247,7 @@ async function main(): Promise<void> {
   }
 
   // 5: exec to socket ready vs bun running an empty file.
-  {
+  if (wanted("startup")) {
     const empty = join(work, "empty.js");
     writeFileSync(empty, "");
     const bunTimes: number[] = [];
@@ -263,7 +269,7 @@ async function main(): Promise<void> {
   }
 
   // 6: memory: idle, after warm-up, after 100k more requests.
-  {
+  if (wanted("memory")) {
     const v = await startVmemd(["--memory", "64M"]);
     await Bun.sleep(300);
     const idle = status(v.proc.pid);
@@ -303,7 +309,7 @@ async function main(): Promise<void> {
   }
 
   // 7: DynamicallyFreeMemoryRanges of 1 GiB of touched RAM in 2 MiB ranges vs madvise in C.
-  {
+  if (wanted("free")) {
     const vTimes: number[] = [];
     const cTimes: number[] = [];
     for (let rep = 0; rep < ROUNDS; rep++) {
@@ -342,6 +348,7 @@ async function main(): Promise<void> {
     ...figures.map((f) => `| ${f.name} | ${f.vmemd} | ${f.baseline} | ${f.ratio.toFixed(2)}× | ${f.target} | ${f.pass ? "ok" : "missed"} |`),
   ];
   process.stdout.write(lines.join("\n") + "\n");
+  if (only !== null) return; // a partial run leaves the recorded results alone
   writeFileSync(join(ROOT, "bench", "results.json"), JSON.stringify({ machine, figures, raw }, null, 2) + "\n");
   writeFileSync(join(ROOT, "bench", "regions.svg"), plot(regionRows));
   writeFileSync(join(ROOT, "bench", "results.md"), lines.join("\n") + "\n");

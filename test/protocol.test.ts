@@ -3,6 +3,8 @@
 import { describe, expect, test } from "bun:test";
 import { fastRequest, fastResponse } from "../src/protocol/fast";
 import { decodeValue, encodeValue, parseRequestBySchema, parseResponseBySchema } from "../src/protocol";
+import { decodePlain, NOT_PLAIN } from "../src/protocol/plain_msgpack";
+import { Decoder, Encoder } from "@msgpack/msgpack";
 
 const uuid = new Uint8Array(16);
 const REQUESTS: unknown[] = [
@@ -115,5 +117,58 @@ describe("fast paths agree with the zod schema", () => {
     expect(fastAccepted).toBeGreaterThan(5_000);
     expect(zodAccepted).toBeGreaterThan(fastAccepted);
     expect(zodAccepted).toBeLessThan(75_000);
+  }, 60_000);
+});
+
+describe("the plain MessagePack decoder agrees with @msgpack/msgpack", () => {
+  // The reference: the general decoder with vmemd's options, but none of its own fast paths.
+  const reference = new Decoder({ useBigInt64: true, maxStrLength: 65536, maxBinLength: 65536 });
+  const referenceDecode = (body: Uint8Array): { ok: true; value: unknown } | { ok: false } => {
+    try {
+      return { ok: true, value: reference.decode(body) };
+    } catch {
+      return { ok: false };
+    }
+  };
+  const EXTRA: unknown[] = ["é", "x".repeat(40), "y".repeat(300), JSON.parse(`{"__proto__": 1}`), JSON.parse(`{"RegisterMemory": {"__proto__": {"a": 1}}}`), 1.5, -(2 ** 40), 2 ** 63, -129, -33, 65535, 65536, new Array(20).fill(1), Object.fromEntries(Array.from({ length: 20 }, (_, i) => [`k${i}`, i]))];
+
+  /** Checks one body: where the plain decoder answers, it answers what the reference does. */
+  function agree(body: Uint8Array): boolean {
+    const plain = decodePlain(body);
+    const ref = referenceDecode(body);
+    if (plain === NOT_PLAIN) return false;
+    if (!ref.ok) throw new Error(`the plain decoder accepted bytes the reference refuses: ${Buffer.from(body).toString("hex")}`);
+    expect(Bun.deepEquals(plain, ref.value, true)).toBe(true);
+    // Same own keys in the same order, and plain objects and arrays only.
+    expect(JSON.stringify(plain, (_k, v) => (typeof v === "bigint" ? `${v}n` : v))).toBe(JSON.stringify(ref.value, (_k, v) => (typeof v === "bigint" ? `${v}n` : v)));
+    return true;
+  }
+
+  test("every request and response shape, and odd values, decode the same", () => {
+    let plain = 0;
+    for (const v of [...REQUESTS, ...RESPONSES, ...ODD, ...EXTRA]) if (agree(new Encoder({ useBigInt64: true }).encode(v))) plain++;
+    expect(plain).toBeGreaterThan(REQUESTS.length); // most requests are plain
+  });
+
+  test("200,000 mangled packets: truncated, extended, bytes flipped; never a different value", () => {
+    const r = rng(7);
+    const encoder = new Encoder({ useBigInt64: true });
+    let plain = 0;
+    let refused = 0;
+    for (let i = 0; i < 200_000; i++) {
+      const base = [...REQUESTS, ...RESPONSES, ...EXTRA][r(REQUESTS.length + RESPONSES.length + EXTRA.length)];
+      let v: unknown = structuredClone(base);
+      if (r(2) === 0) v = mutate(v, r);
+      const bytes = encoder.encode(v).slice();
+      let body: Uint8Array = bytes;
+      const how = r(4);
+      if (how === 0) body = bytes.subarray(0, r(bytes.length + 1));
+      else if (how === 1) body = Uint8Array.from([...bytes, r(256)]);
+      else if (how === 2) for (let k = 0, n = 1 + r(3); k < n; k++) bytes[r(bytes.length)] = r(256);
+      if (agree(body)) plain++;
+      else if (!referenceDecode(body).ok) refused++;
+    }
+    expect(plain).toBeGreaterThan(50_000);
+    expect(refused).toBeGreaterThan(10_000);
   }, 60_000);
 });

@@ -62,10 +62,25 @@ export class VmemClient {
   /** Requests sent whose responses have not been read yet. */
   inFlight = 0;
 
+  /** The SO_RCVTIMEO in force, in ms (0: none set yet). */
+  private recvTimeoutMs = 0;
+
   private constructor(readonly fd: number) {}
 
+  /**
+   * Connects without blocking (a full listen backlog is an error, not a wait), then makes
+   * the socket blocking so that `recv` sleeps in recvmsg itself. Sends and `tryRecv` pass
+   * MSG_DONTWAIT and never block.
+   */
   static connect(path: string): VmemClient {
-    return new VmemClient(sys.connectSeqpacket(path, true));
+    const fd = sys.connectSeqpacket(path, true);
+    try {
+      sys.setNonblocking(fd, false);
+    } catch (e) {
+      sys.close(fd);
+      throw e;
+    }
+    return new VmemClient(fd);
   }
 
   /** Sends one packet, waiting while the socket is full. */
@@ -85,18 +100,29 @@ export class VmemClient {
     this.sendPacket(encodeRequest(req));
   }
 
-  /** Reads one response, waiting for it. */
+  /** Reads one response, waiting for it in recvmsg (SO_RCVTIMEO bounds the wait). */
   recv(timeoutMs = 30_000): VmMemoryResponse {
+    const ms = Math.max(1, Math.ceil(timeoutMs));
+    if (ms !== this.recvTimeoutMs) {
+      sys.setRecvTimeout(this.fd, ms);
+      this.recvTimeoutMs = ms;
+    }
+    const start = performance.now();
     for (;;) {
-      const r = this.tryRecv();
+      const r = this.receive(true);
       if (r !== undefined) return r;
-      this.wait(sys.POLLIN, timeoutMs);
+      // -1: the timeout ran out, or a signal cut the wait short (then wait again).
+      if (performance.now() - start >= ms) throw new sys.SysError(`recvmsg: no response within ${ms} ms`, sys.Errno.ETIMEDOUT);
     }
   }
 
   /** One response if one is ready. */
   tryRecv(): VmMemoryResponse | undefined {
-    const n = this.io.recv(this.fd);
+    return this.receive(false);
+  }
+
+  private receive(wait: boolean): VmMemoryResponse | undefined {
+    const n = this.io.recv(this.fd, wait);
     if (n === -1) return undefined;
     for (const fd of this.io.fds) sys.close(fd); // the server never sends descriptors
     if (n === 0) throw new sys.SysError("recvmsg: the server closed the connection", sys.Errno.ECONNRESET);

@@ -4,6 +4,7 @@ import type * as z from "zod/mini";
 import { failure, VmMemoryError } from "../memory/error";
 import { descriptorSlots, type VmMemoryFileMapping, type VmMemoryRequest, type VmMemoryResponse } from "../memory/request";
 import { fastRequest, fastResponse } from "./fast";
+import { decodePlain, NOT_PLAIN } from "./plain_msgpack";
 import { schemas } from "./schema";
 
 /** The largest packet body either side sends or accepts. */
@@ -63,6 +64,8 @@ export function encodeValue(value: unknown): Uint8Array {
 
 export function decodeValue(body: Uint8Array): unknown {
   if (body.byteLength === 0) throw new VmMemoryError(22, "empty packet").context("malformed packet");
+  const plain = decodePlain(body);
+  if (plain !== NOT_PLAIN) return plain;
   try {
     return decoder.decode(body);
   } catch (e) {

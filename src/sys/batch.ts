@@ -18,6 +18,8 @@ export class BatchReceiver {
   private readonly iovs: BigUint64Array;
   private readonly slot: number;
   private readonly controlLen = BigInt(CONTROL_SIZE);
+  /** Headers the last recvmmsg filled. */
+  private filled = 0;
 
   constructor(
     readonly capacity: number,
@@ -40,6 +42,7 @@ export class BatchReceiver {
       this.hdrs.setBigUint64(i * MMSG + 16, iovs + BigInt(16 * i), true);
       this.hdrs.setBigUint64(i * MMSG + 24, 1n, true);
       this.hdrs.setBigUint64(i * MMSG + 32, control + BigInt(i * CONTROL_SIZE), true);
+      this.hdrs.setBigUint64(i * MMSG + 40, this.controlLen, true);
     }
     this.hdrsPtr = ptr(hdrs);
   }
@@ -47,16 +50,20 @@ export class BatchReceiver {
   /** Packets received (0 .. max), or -1 when none is pending. Each one's descriptors belong to the caller. */
   recv(fd: number, max = this.capacity): number {
     const n = Math.min(max, this.capacity);
-    for (let i = 0; i < n; i++) {
+    // The kernel rewrites msg_controllen and msg_flags only of the headers it fills:
+    // restore those of the last call, not all of them.
+    for (let i = 0; i < this.filled; i++) {
       this.hdrs.setBigUint64(i * MMSG + 40, this.controlLen, true);
       this.hdrs.setInt32(i * MMSG + 48, 0, true);
     }
+    this.filled = 0;
     const got = libc.recvmmsg(fd, this.hdrsPtr, n, MSG_CMSG_CLOEXEC | MSG_DONTWAIT, null);
     if (got === -1) {
       const errno = lastErrno();
       if (errno === EAGAIN || errno === EINTR) return -1;
       throw new SysError("recvmmsg", errno);
     }
+    this.filled = got;
     return got;
   }
 

@@ -86,6 +86,12 @@ export function fcntl(fd: number, cmd: number, arg = 0): number {
   return check("fcntl", libc.fcntl(fd, cmd, arg));
 }
 
+/** Sets or clears O_NONBLOCK on the open file description. */
+export function setNonblocking(fd: number, on: boolean): void {
+  const flags = check("fcntl(F_GETFL)", libc.fcntl(fd, F_GETFL, 0));
+  check("fcntl(F_SETFL)", libc.fcntl(fd, F_SETFL, on ? flags | O_NONBLOCK : flags & ~O_NONBLOCK));
+}
+
 /** The fields of struct stat (x86_64, asm/stat.h) that vmemd reads. */
 export interface Stat {
   mode: number;

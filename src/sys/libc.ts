@@ -41,6 +41,7 @@ export const libc = dlopen("libc.so.6", {
   recvmmsg: { args: [i32, ptr, u32, i32, ptr], returns: i32 },
   sendmmsg: { args: [i32, ptr, u32, i32], returns: i32 },
   getsockopt: { args: [i32, i32, i32, ptr, ptr], returns: i32 },
+  setsockopt: { args: [i32, i32, i32, ptr, u32], returns: i32 },
   shutdown: { args: [i32, i32], returns: i32 },
   pipe2: { args: [ptr, i32], returns: i32 },
   poll: { args: [ptr, u64, i32], returns: i32 },

@@ -13,6 +13,8 @@ export const SOL_SOCKET = 1;
 export const SO_PEERCRED = 17;
 export const SO_SNDBUF = 7;
 export const SO_RCVBUF = 8;
+// asm-generic/socket.h: SO_RCVTIMEO_OLD, a struct timeval on 64-bit x86.
+export const SO_RCVTIMEO = 20;
 export const SCM_RIGHTS = 1;
 export const MSG_CTRUNC = 0x08;
 export const MSG_TRUNC = 0x20;
@@ -70,6 +72,12 @@ export function connectSeqpacket(path: string, nonblocking = false): number {
     close(fd);
     throw e;
   }
+}
+
+/** SO_RCVTIMEO: how long a blocking receive on `fd` may sleep (0: for ever). */
+export function setRecvTimeout(fd: number, ms: number): void {
+  const tv = new BigInt64Array([BigInt(Math.floor(ms / 1000)), BigInt((ms % 1000) * 1000)]);
+  check("setsockopt(SO_RCVTIMEO)", libc.setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, tv, 16));
 }
 
 export function socketpairSeqpacket(): [number, number] {
@@ -176,12 +184,15 @@ export class PacketIo {
   /**
    * One packet: its length, 0 at end of stream, -1 when nothing is pending.
    * Received descriptors land in `fds` (close-on-exec) and belong to the caller,
-   * even when the packet is reported truncated.
+   * even when the packet is reported truncated. With `wait` on a blocking socket the
+   * call sleeps in the kernel until a packet comes (one syscall, where try-then-poll
+   * takes three when the peer has not answered yet); -1 then means the socket's
+   * SO_RCVTIMEO ran out, or a signal came.
    */
-  recv(fd: number): number {
+  recv(fd: number, wait = false): number {
     this.recvHdr.setBigUint64(40, BigInt(CONTROL_SIZE), true);
     this.recvHdr.setInt32(48, 0, true);
-    const n = libc.recvmsg(fd, this.recvHdrPtr, MSG_CMSG_CLOEXEC | MSG_DONTWAIT) as number;
+    const n = libc.recvmsg(fd, this.recvHdrPtr, wait ? MSG_CMSG_CLOEXEC : MSG_CMSG_CLOEXEC | MSG_DONTWAIT) as number;
     if (n === -1) {
       const errno = lastErrno(); // first: an allocation could run the collector, which may reset errno
       this.fds = [];
