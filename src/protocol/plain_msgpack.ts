@@ -20,7 +20,7 @@ class Bail extends Error {}
 const BAIL = new Bail();
 
 class PlainDecoder {
-  private bytes = EMPTY;
+  private bytes: Uint8Array = EMPTY;
   private pos = 0;
   private dataView: DataView | null = null;
   private viewOffset = 0;
@@ -161,7 +161,7 @@ class PlainDecoder {
   }
 }
 
-const EMPTY = new Uint8Array(0);
+const EMPTY: Uint8Array = new Uint8Array(0);
 const decoder = new PlainDecoder();
 
 /** The value `body` holds, when it is plain MessagePack through and through; else NOT_PLAIN. */
