@@ -46,6 +46,9 @@ export const DEFAULT_SERVER_OPTIONS = {
   releaseOnDisconnect: false,
 };
 
+/** How often an idle loop lets Bun's event loop turn (signals), and how long a busy one may go without. */
+const TICK_MS = 100;
+const YIELD_MS = 50;
 /** Packets read from one connection per wake-up before others get a turn. */
 const READ_BUDGET = 64;
 /** Packets per recvmmsg. */
@@ -168,16 +171,31 @@ export class Server {
 
   /** Runs until stop(); returns the exit code. */
   async run(): Promise<number> {
-    let lastYield = performance.now();
-    while (!this.stopping) {
-      const n = this.epoll.wait(100);
-      // Bun runs signal handlers only when the JS event loop turns: let it, now and then.
-      if (n <= 0 || performance.now() - lastYield > 50) {
-        await new Promise((r) => setImmediate(r));
-        lastYield = performance.now();
-        if (n <= 0) continue;
+    // Bun runs signal handlers (and so stop()) only when its own event loop turns, which it
+    // cannot while we sleep in epoll_wait: let it turn on every tick, on EINTR, and at
+    // least every YIELD_MS while busy. The tick is a timerfd in the set, so epoll_wait
+    // itself sleeps without a timeout (a timed one arms an hrtimer on every sleep).
+    const tick = new sys.IntervalTimer(TICK_MS);
+    try {
+      this.epoll.add(tick.fd, sys.EPOLLIN);
+      let lastYield = performance.now();
+      while (!this.stopping) {
+        const n = this.epoll.wait(-1);
+        let turn = n <= 0;
+        for (let i = 0; i < n; i++) {
+          const fd = this.epoll.readyFd(i);
+          if (fd === tick.fd) {
+            tick.ack();
+            turn = true;
+          } else this.dispatch(fd, this.epoll.readyEvents(i));
+        }
+        if (turn || performance.now() - lastYield > YIELD_MS) {
+          await new Promise((r) => setImmediate(r));
+          lastYield = performance.now();
+        }
       }
-      for (let i = 0; i < n; i++) this.dispatch(this.epoll.readyFd(i), this.epoll.readyEvents(i));
+    } finally {
+      tick.close();
     }
     this.shutdown();
     return this.exitCode;

@@ -5,5 +5,6 @@ export * from "./mman";
 export * from "./ioctl";
 export * from "./socket";
 export * from "./epoll";
+export * from "./timerfd";
 export * from "./thread";
 export * from "./batch";
