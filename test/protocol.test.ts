@@ -2,8 +2,8 @@
 // against the zod schema, which stays the one definition of the wire.
 import { describe, expect, test } from "bun:test";
 import { fastRequest, fastResponse } from "../src/protocol/fast";
-import { decodeValue, encodeValue, parseRequestBySchema, parseResponseBySchema } from "../src/protocol";
-import { decodePlain, NOT_PLAIN } from "../src/protocol/plain_msgpack";
+import { decodeValue, encodeValue, encodeValueGeneral, parseRequestBySchema, parseResponseBySchema } from "../src/protocol";
+import { decodePlain, encodePlain, NOT_PLAIN } from "../src/protocol/plain_msgpack";
 import { Decoder, Encoder } from "@msgpack/msgpack";
 
 const uuid = new Uint8Array(16);
@@ -120,7 +120,7 @@ describe("fast paths agree with the zod schema", () => {
   }, 60_000);
 });
 
-describe("the plain MessagePack decoder agrees with @msgpack/msgpack", () => {
+describe("the plain MessagePack codec agrees with @msgpack/msgpack", () => {
   // The reference: the general decoder with vmemd's options, but none of its own fast paths.
   const reference = new Decoder({ useBigInt64: true, maxStrLength: 65536, maxBinLength: 65536 });
   const referenceDecode = (body: Uint8Array): { ok: true; value: unknown } | { ok: false } => {
@@ -170,5 +170,47 @@ describe("the plain MessagePack decoder agrees with @msgpack/msgpack", () => {
     }
     expect(plain).toBeGreaterThan(50_000);
     expect(refused).toBeGreaterThan(10_000);
+  }, 60_000);
+});
+
+describe("the plain MessagePack encoder writes what the general one does", () => {
+  const hex = (b: Uint8Array) => Buffer.from(b).toString("hex");
+  const NUMBERS = [0, -0, 1, 127, 128, 255, 256, 65535, 65536, 2 ** 31, 2 ** 32 - 1, 2 ** 32, 2 ** 53, 2 ** 63, 2 ** 64 - 2 ** 12, 2 ** 64, -1, -32, -33, -128, -129, -32768, -32769, -(2 ** 31), -(2 ** 31) - 1, 0.5, NaN, 0n, 1n, 2n ** 63n, 2n ** 64n - 1n, 2n ** 64n, -1n, -(2n ** 63n), -(2n ** 63n) - 1n];
+  const STRINGS = ["", "Ok", "x".repeat(31), "x".repeat(32), "x".repeat(255), "x".repeat(256), "x".repeat(70000), "é", "a\u0000b"];
+
+  /** Where the plain encoder answers, its bytes are the general encoder's. */
+  function agree(v: unknown): boolean {
+    const plain = encodePlain(v);
+    if (plain === NOT_PLAIN) return false;
+    const mine = hex(plain);
+    let general: string;
+    try {
+      general = hex(encodeValueGeneral(structuredClone(v)));
+    } catch (e) {
+      throw new Error(`the plain encoder wrote what the general one refuses: ${Bun.inspect(v)} (${e})`);
+    }
+    if (mine !== general) throw new Error(`different bytes for ${Bun.inspect(v)}: ${mine} against ${general}`);
+    return true;
+  }
+
+  test("numbers, strings, and every request and response shape", () => {
+    let plain = 0;
+    for (const v of [...NUMBERS, ...STRINGS, ...REQUESTS, ...RESPONSES, ...ODD, null, undefined, [undefined], { a: undefined }, new Array(16).fill(7), Object.fromEntries(Array.from({ length: 16 }, (_, i) => [`k${i}`, i])), new Date(0), new Map()]) {
+      if (agree(v)) plain++;
+    }
+    expect(plain).toBeGreaterThan(50);
+  });
+
+  test("100,000 mutated requests and responses: the same bytes, or left to the general encoder", () => {
+    const r = rng(11);
+    const all = [...REQUESTS, ...RESPONSES];
+    let plain = 0;
+    for (let i = 0; i < 100_000; i++) {
+      let v: unknown = structuredClone(all[r(all.length)]);
+      for (let c = 0, n = r(3); c < n; c++) v = mutate(v, r);
+      if (r(4) === 0) v = { wrap: [v, NUMBERS[r(NUMBERS.length)], STRINGS[r(STRINGS.length - 1)]] };
+      if (agree(v)) plain++;
+    }
+    expect(plain).toBeGreaterThan(40_000);
   }, 60_000);
 });

@@ -3,7 +3,7 @@
 import * as sys from "../sys";
 import { type GuestAddress, hex, MemoryMapping, type IoeventDatamatch, type MemSlot, type Vm } from "../kvm";
 import { allocKey, describeAlloc, type SystemAllocator } from "./allocator";
-import { failure, VmMemoryError, withContext } from "./error";
+import { failure, rethrowWithContext, VmMemoryError, withContext } from "./error";
 import { IntervalMap } from "./interval_map";
 import { isArena, type PreparedArena, type Region, type RegionState } from "./region_state";
 import type {
@@ -48,12 +48,18 @@ function dispatch(req: VmMemoryRequest, ctx: ExecContext): VmMemoryResponse {
   if (req === "GetState") return getState(ctx);
   if ("RegisterMemory" in req) {
     const r = req.RegisterMemory;
-    return withContext("failed to register memory", () => registerMemory(ctx, r.source, r.dest, r.prot, r.cache));
+    try {
+      return registerMemory(ctx, r.source, r.dest, r.prot, r.cache);
+    } catch (e) {
+      rethrowWithContext(e, "failed to register memory");
+    }
   }
   if ("UnregisterMemory" in req) {
-    return withContext(() => `failed to unregister memory region ${hex(req.UnregisterMemory)}`, () =>
-      unregisterMemory(ctx, req.UnregisterMemory),
-    );
+    try {
+      return unregisterMemory(ctx, req.UnregisterMemory);
+    } catch (e) {
+      rethrowWithContext(e, `failed to unregister memory region ${hex(req.UnregisterMemory)}`);
+    }
   }
   if ("PrepareSharedMemoryRegion" in req) {
     const r = req.PrepareSharedMemoryRegion;
@@ -146,7 +152,12 @@ function checkMemorySource(fd: Fd, offset: number, size: number, what: string): 
   } catch {
     // Not a memfd, or sealing not allowed: the size check below is what protects us then.
   }
-  const st = withContext(`${what}: cannot inspect descriptor ${fd}`, () => sys.fstat(fd));
+  let st: sys.Stat;
+  try {
+    st = sys.fstat(fd);
+  } catch (e) {
+    rethrowWithContext(e, `${what}: cannot inspect descriptor ${fd}`);
+  }
   const type = st.mode & sys.S_IFMT;
   if (type !== sys.S_IFREG) {
     throw failure("EINVAL", `${what}: descriptor is ${FILE_TYPES[type] ?? `of file type ${hex(type)}`}, not memory`);
@@ -242,12 +253,18 @@ function registerMemory(
 
   const guest = placement.guest;
   checkFreeGuestRange(ctx, guest, src.size);
-  const mapping = withContext("failed to map the memory source", () =>
-    MemoryMapping.fromDescriptor(src.fd, src.offset, src.size, protection),
-  );
-  const slot = withContext(() => `failed to add memory region at ${hex(guest)} when registering memory`, () =>
-    ctx.vm.addMemoryRegion(guest, mapping, readOnly, cache),
-  );
+  let mapping: MemoryMapping;
+  try {
+    mapping = MemoryMapping.fromDescriptor(src.fd, src.offset, src.size, protection);
+  } catch (e) {
+    rethrowWithContext(e, "failed to map the memory source");
+  }
+  let slot: MemSlot;
+  try {
+    slot = ctx.vm.addMemoryRegion(guest, mapping, readOnly, cache);
+  } catch (e) {
+    rethrowWithContext(e, `failed to add memory region at ${hex(guest)} when registering memory`);
+  }
   const region: Region = { id: guest, size: src.size, slot, readOnly, arena: null };
   ctx.state.regions.set(guest, region);
   ctx.state.top.insert(guest, guest + src.size, region);

@@ -4,7 +4,7 @@ import type * as z from "zod/mini";
 import { failure, VmMemoryError } from "../memory/error";
 import { descriptorSlots, type VmMemoryFileMapping, type VmMemoryRequest, type VmMemoryResponse } from "../memory/request";
 import { fastRequest, fastResponse } from "./fast";
-import { decodePlain, NOT_PLAIN } from "./plain_msgpack";
+import { decodePlain, encodePlain, NOT_PLAIN } from "./plain_msgpack";
 import { schemas } from "./schema";
 
 /** The largest packet body either side sends or accepts. */
@@ -59,6 +59,13 @@ const OK_BYTES = encoder.encode("Ok").slice();
 /** Encodes a value; the bytes are valid until the next encode (copy to keep them). */
 export function encodeValue(value: unknown): Uint8Array {
   if (value === "Ok") return OK_BYTES;
+  const plain = encodePlain(value);
+  if (plain !== NOT_PLAIN) return plain;
+  return encodeValueGeneral(value);
+}
+
+/** The general encoder alone (what encodePlain must agree with). Rewrites `value` in place. */
+export function encodeValueGeneral(value: unknown): Uint8Array {
   return encoder.encode(widen(value));
 }
 
