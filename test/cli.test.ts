@@ -26,6 +26,8 @@ describe("command line", () => {
       ["serve", "--socket", "/tmp/x.sock", "--pci-bar", "zz"],
       ["serve", "--socket", "/tmp/x.sock", "--log-level", "loud"],
       ["serve", "--socket", "/tmp/x.sock", "--socket-mode", "999"],
+      ["serve", "--socket", "/tmp/x.sock", "--ready-fd", "three"],
+      ["serve", "--socket", "/tmp/x.sock", "--ready-fd", "999"],
       ["ctl", "--socket", "/tmp/x.sock"],
       ["ctl", "--socket", "/tmp/x.sock", "frob"],
       ["frob"],
@@ -84,6 +86,25 @@ describe("--die-with-parent", () => {
     }
     expect(alive).toBe(false);
     expect(require("node:fs").existsSync(sock)).toBe(false);
+  });
+});
+
+describe("--ready-fd", () => {
+  test("one line once the socket accepts connections, then the descriptor is closed", async () => {
+    requireBinary();
+    const sock = `/tmp/vmemd-ready-${process.pid}.sock`;
+    // fd 3 is the pipe to us; vmemd's own stdout goes elsewhere, so EOF means it closed fd 3.
+    const proc = Bun.spawn(["sh", "-c", `exec "$0" serve --socket "$1" --memory 16M --ready-fd 3 3>&1 1>/dev/null`, BINARY, sock], { stdout: "pipe", stderr: "pipe" });
+    try {
+      const text = await new Response(proc.stdout).text(); // to EOF
+      expect(text).toBe("ready\n");
+      expect(proc.exitCode).toBe(null); // still serving
+      const { connectSeqpacket, close } = await import("../src/sys");
+      close(connectSeqpacket(sock)); // ready meant ready
+    } finally {
+      proc.kill("SIGTERM");
+      expect(await proc.exited).toBe(0);
+    }
   });
 });
 

@@ -25,6 +25,8 @@ Creates a KVM virtual machine and serves its memory plane on PATH.
   --max-fds-per-packet N    descriptors in one packet (default 253, the kernel's SCM_MAX_FD)
   --release-on-disconnect   remove a client's regions and ioevents when it disconnects
   --die-with-parent         stop (as on SIGTERM) when the process that started vmemd exits
+  --ready-fd N              once the socket accepts connections, write "ready\n" to descriptor N
+                            (inherited from the parent) and close it, so a supervisor need not poll
   --guest FILE              run FILE as the guest (docs/boot.md)
   --serial PATH             write the guest's serial output to PATH (default: stdout)
   --log-level LEVEL         debug, info, warn, error (default info)
@@ -45,6 +47,7 @@ const SPEC = {
   "max-fds-per-packet": { value: true },
   "release-on-disconnect": { value: false },
   "die-with-parent": { value: false },
+  "ready-fd": { value: true },
   guest: { value: true },
   serial: { value: true },
   "log-level": { value: true },
@@ -86,6 +89,22 @@ export async function serve(argv: string[]): Promise<number> {
   if (maxPacket < 16 || maxPacket > DEFAULT_SERVER_OPTIONS.maxPacket) throw new UsageError(`--max-packet: must be between 16 and ${DEFAULT_SERVER_OPTIONS.maxPacket}`);
   const maxFds = count("max-fds-per-packet", DEFAULT_SERVER_OPTIONS.maxFdsPerPacket);
   if (maxFds > sys.SCM_MAX_FD) throw new UsageError(`--max-fds-per-packet: at most ${sys.SCM_MAX_FD} (the kernel's SCM_MAX_FD)`);
+  const readyText = flag(p, "ready-fd");
+  let readyFd = -1;
+  if (readyText !== undefined) {
+    if (!/^\d{1,9}$/.test(readyText)) throw new UsageError(`--ready-fd: "${readyText}" is not a descriptor number`);
+    readyFd = Number(readyText);
+    let type: number;
+    try {
+      type = sys.fstat(readyFd).mode & sys.S_IFMT;
+    } catch {
+      throw new UsageError(`--ready-fd: ${readyFd} is not an open descriptor`);
+    }
+    // Refuses anonymous inodes (eventfd, epoll): those are the runtime's own, not a parent's pipe.
+    if (type !== sys.S_IFIFO && type !== sys.S_IFSOCK && type !== sys.S_IFREG && type !== sys.S_IFCHR) {
+      throw new UsageError(`--ready-fd: descriptor ${readyFd} is not a pipe, socket, file or terminal`);
+    }
+  }
   const log = new Logger(level, format);
 
   // crosvm raises RLIMIT_NOFILE for MmapAndRegisterMemory; vmemd does it once, at start.
@@ -126,6 +145,7 @@ export async function serve(argv: string[]): Promise<number> {
       guest = attachGuest(vm, server, { guestPath, serialPath: flag(p, "serial"), log });
     }
     server.listen();
+    if (readyFd !== -1) notifyReady(readyFd, log);
     log.info("vmemd ready", {
       socket: socketPath,
       memory,
@@ -140,4 +160,15 @@ export async function serve(argv: string[]): Promise<number> {
     await guest?.stop();
     vm.close();
   }
+}
+
+/** --ready-fd: one line, then the descriptor is closed (standard streams stay open). */
+function notifyReady(fd: number, log: Logger): void {
+  try {
+    sys.write(fd, new TextEncoder().encode("ready\n"));
+  } catch (e) {
+    // The reader may be gone; serving goes on regardless.
+    log.warn("could not write to --ready-fd", { fd, error: String(e) });
+  }
+  if (fd > 2) sys.close(fd);
 }

@@ -2,9 +2,13 @@
 // of src/memory/request.ts are what these produce; the asserts at the bottom keep
 // the two in step at compile time.
 // zod/mini: the same parser core as zod's classic API, a third of its start-up cost
-// (vmemd's time to a ready socket is a benchmarked figure).
-import * as z from "zod/mini";
+// (vmemd's time to a ready socket is a benchmarked figure). Even so, evaluating zod is
+// the largest part of vmemd's start-up, and most packets never reach it (the fast paths
+// in fast.ts): it is loaded with the schemas, on the first packet that needs them.
+import type * as Zod from "zod/mini";
 import type * as M from "../memory/request";
+
+let z: typeof Zod;
 
 const MAX_SAFE = Number.MAX_SAFE_INTEGER;
 const U64_MAX = 2n ** 64n - 1n;
@@ -35,6 +39,8 @@ function small(max: number) {
  * up), so this runs on the first packet rather than before the socket is ready.
  */
 function build() {
+  // A require() inside a function: the bundle evaluates zod here, not at start-up.
+  z = require("zod/mini") as typeof Zod;
   const u8 = small(0xff);
   const u32 = small(0xffff_ffff);
   const u64 = uint(U64_MAX);
@@ -156,10 +162,10 @@ export function schemas(): Schemas {
 // Compile-time: the schemas produce exactly the memory layer's types.
 type Same<A, B> = [A] extends [B] ? ([B] extends [A] ? true : false) : false;
 type Payloads = Schemas["requestPayloads"];
-type Payload<K extends keyof Payloads> = z.output<Payloads[K]>;
+type Payload<K extends keyof Payloads> = Zod.output<Payloads[K]>;
 type Req<K extends string> = Extract<M.VmMemoryRequest, Record<K, unknown>>[K & keyof Extract<M.VmMemoryRequest, Record<K, unknown>>];
 const _register: Same<Payload<"RegisterMemory">, Req<"RegisterMemory">> = true;
 const _ioevent: Same<Payload<"IoEventRaw">, Req<"IoEventRaw">> = true;
-const _alloc: Same<z.output<Schemas["alloc"]>, M.Alloc> = true;
-const _resp: Same<z.output<Schemas["response"]>, M.VmMemoryResponse> = true;
+const _alloc: Same<Zod.output<Schemas["alloc"]>, M.Alloc> = true;
+const _resp: Same<Zod.output<Schemas["response"]>, M.VmMemoryResponse> = true;
 void [_register, _ioevent, _alloc, _resp];
