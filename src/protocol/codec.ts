@@ -176,6 +176,10 @@ export function parseRequestBySchema(value: unknown): VmMemoryRequest {
  */
 export function resolveDescriptors(holders: { holder: Record<string, unknown>; key: string }[], fds: readonly number[]): void {
   if (holders.length === 0 && fds.length === 0) return;
+  if (holders.length === 1 && fds.length === 1 && holders[0]!.holder[holders[0]!.key] === 0) {
+    holders[0]!.holder[holders[0]!.key] = fds[0]; // the common case: one descriptor, index 0
+    return;
+  }
   const used = new Uint8Array(fds.length);
   for (const { holder, key } of holders) {
     const index = holder[key] as number;

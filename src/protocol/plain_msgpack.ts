@@ -23,8 +23,9 @@ const BAIL = new Bail();
 class PlainDecoder {
   private bytes: Uint8Array = EMPTY;
   private pos = 0;
+  /** A view of the whole buffer under the last body that had a 64-bit value (a server reads
+   * every packet into the same buffer, so this is made once). */
   private dataView: DataView | null = null;
-  private viewOffset = 0;
   private readonly cache = new Map<number, { bytes: Uint8Array; text: string }>();
 
   decode(body: Uint8Array): unknown {
@@ -37,8 +38,7 @@ class PlainDecoder {
       if (e === BAIL) return NOT_PLAIN;
       throw e;
     } finally {
-      this.bytes = EMPTY; // keep no reference to the caller's buffer
-      this.dataView = null;
+      this.bytes = EMPTY;
     }
   }
 
@@ -68,7 +68,7 @@ class PlainDecoder {
       case 0xce:
         return this.uint(4);
       case 0xcf:
-        return this.view(8).getBigUint64(this.pos - 8);
+        return this.view(8).getBigUint64(this.bytes.byteOffset + this.pos - 8);
       case 0xd0:
         return (this.uint(1) << 24) >> 24;
       case 0xd1:
@@ -76,7 +76,7 @@ class PlainDecoder {
       case 0xd2:
         return this.uint(4) | 0;
       case 0xd3:
-        return this.view(8).getBigInt64(this.pos - 8);
+        return this.view(8).getBigInt64(this.bytes.byteOffset + this.pos - 8);
       case 0xd9:
         return this.string(this.uint(1));
       case 0xdc:
@@ -88,15 +88,12 @@ class PlainDecoder {
     }
   }
 
-  /** Takes `n` bytes; a DataView on the body, made only for the 64-bit values that need one. */
+  /** Takes `n` bytes; returns a DataView of the body's whole buffer (offsets are the buffer's, not the body's). */
   private view(n: number): DataView {
     this.need(n);
     this.pos += n;
-    const b = this.bytes;
-    if (this.dataView === null || this.dataView.buffer !== b.buffer || this.viewOffset !== b.byteOffset || this.dataView.byteLength !== b.byteLength) {
-      this.dataView = new DataView(b.buffer, b.byteOffset, b.byteLength);
-      this.viewOffset = b.byteOffset;
-    }
+    const buffer = this.bytes.buffer;
+    if (this.dataView === null || this.dataView.buffer !== buffer) this.dataView = new DataView(buffer);
     return this.dataView;
   }
 

@@ -337,7 +337,9 @@ export class Server {
       if (peerGone(e)) throw e;
       this.respond(conn, errResponse(e));
     } finally {
-      this.release(req);
+      // The request's descriptors are exactly the packet's: decodeRequest checked that each
+      // one is referenced once.
+      for (const fd of fds) closeQuietly(fd);
     }
   }
 
