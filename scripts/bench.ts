@@ -199,10 +199,11 @@ async function main(): Promise<void> {
       const fd = memfd(size);
       const guestOf = (i: number) => 0x40_0000_0000 + (i % 16) * 4 * MiB;
       // Warm-up, both sides alike. Every process shares CPU 0, so a JIT still compiling the
-      // register path in the background would be timed too: the compiler goes quiet only
-      // after a few thousand cycles (its thread's CPU time, read from /proc, settles).
-      registerCycles(client, fd, size, scale(5000), guestOf);
-      registerCycles(echoClientBun, fd, size, scale(5000), guestOf);
+      // register path in the background would be timed too. vmemd's JIT threads used
+      // 227 ms of CPU over the first 10k cycles, 36 ms over the next 10k, 3 ms over the
+      // third (/proc/PID/task/*/schedstat): steady state is some 20k cycles in.
+      registerCycles(client, fd, size, scale(20000), guestOf);
+      registerCycles(echoClientBun, fd, size, scale(20000), guestOf);
       registerCycles(cServerClient!, fd, size, scale(1000), guestOf);
       let v = Infinity;
       let echoPair = Infinity;

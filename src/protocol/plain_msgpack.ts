@@ -13,9 +13,10 @@
 export const NOT_PLAIN = Symbol("not plain MessagePack");
 
 const MAX_DEPTH = 16;
-/** Short ASCII strings repeat in every packet (keys, variant names): kept by a hash of their bytes. */
+/** Short ASCII strings repeat in every packet (keys, variant names): a direct-mapped cache
+ * indexed by a hash of their bytes (a collision replaces the entry). */
 const CACHE_MAX_LENGTH = 32;
-const CACHE_ENTRIES = 1024;
+const CACHE_SLOTS = 1024; // a power of two
 
 class Bail extends Error {}
 const BAIL = new Bail();
@@ -26,7 +27,8 @@ class PlainDecoder {
   /** A view of the whole buffer under the last body that had a 64-bit value (a server reads
    * every packet into the same buffer, so this is made once). */
   private dataView: DataView | null = null;
-  private readonly cache = new Map<number, { bytes: Uint8Array; text: string }>();
+  private readonly cacheBytes: (Uint8Array | undefined)[] = new Array(CACHE_SLOTS).fill(undefined);
+  private readonly cacheText: string[] = new Array(CACHE_SLOTS).fill("");
 
   decode(body: Uint8Array): unknown {
     this.bytes = body;
@@ -137,24 +139,29 @@ class PlainDecoder {
     const bytes = this.bytes;
     const start = this.pos;
     const end = start + length;
-    let hash = length;
-    let high = 0;
-    for (let i = start; i < end; i++) {
-      const c = bytes[i]!;
-      high |= c;
-      hash = (Math.imul(hash, 31) + c) | 0;
-    }
-    if (high > 0x7f) throw BAIL; // not ASCII: the general decoder's UTF-8 rules apply
     this.pos = end;
-    if (length > CACHE_MAX_LENGTH) return String.fromCharCode(...bytes.subarray(start, end));
-    const hit = this.cache.get(hash);
-    if (hit !== undefined && hit.bytes.length === length) {
-      let same = true;
-      for (let i = 0; i < length; i++) if (hit.bytes[i] !== bytes[start + i]) same = false;
-      if (same) return hit.text;
+    if (length <= CACHE_MAX_LENGTH) {
+      // The slot from the length and the two ends; one pass then compares the whole string
+      // (a cached string is ASCII, so an equal one is too).
+      const slot = length === 0 ? 0 : (length * 31 + bytes[start]! * 7 + bytes[end - 1]! * 131 + bytes[start + (length >> 1)]!) & (CACHE_SLOTS - 1);
+      const hit = this.cacheBytes[slot];
+      if (hit !== undefined && hit.length === length) {
+        let i = 0;
+        while (i < length && hit[i] === bytes[start + i]) i++;
+        if (i === length) return this.cacheText[slot]!;
+      }
+      const text = this.ascii(start, end);
+      this.cacheBytes[slot] = bytes.slice(start, end);
+      this.cacheText[slot] = text;
+      return text;
     }
+    return this.ascii(start, end);
+  }
+
+  private ascii(start: number, end: number): string {
+    const bytes = this.bytes;
+    for (let i = start; i < end; i++) if (bytes[i]! > 0x7f) throw BAIL; // not ASCII: the general decoder's UTF-8 rules apply
     const text = String.fromCharCode(...bytes.subarray(start, end));
-    if (hit === undefined && this.cache.size < CACHE_ENTRIES) this.cache.set(hash, { bytes: bytes.slice(start, end), text });
     return text;
   }
 }
