@@ -3,9 +3,12 @@
 // nil. For anything else (floats, bin, ext, non-ASCII strings, non-string map keys, the key
 // "__proto__", truncation, trailing bytes, deep nesting) they return NOT_PLAIN and the
 // general codec (@msgpack/msgpack) decides, and explains what is wrong. Where they answer,
-// they answer exactly what the general codec does with vmemd's options (useBigInt64, and
-// integers from 2^32 up written as uint 64): test/protocol.test.ts holds them side by side
-// on generated and mangled input.
+// they answer what the general codec does with vmemd's options (useBigInt64, and integers
+// from 2^32 up written as uint 64), with one difference: a uint 64 or int 64 whose value
+// fits in 2^53 decodes as a number, not a bigint. Every reader of decoded values takes
+// both (the schema's integers do; MessagePack's integer widths are the sender's choice),
+// and the common uint 64s, guest addresses, then need no BigInt on the way in or out.
+// test/protocol.test.ts holds them side by side on generated and mangled input.
 //
 // Why: a request is decoded and a response encoded on every round trip (issue 5); the
 // general decoder takes ~0.45 µs for a RegisterMemory packet, this one ~0.25 µs.
@@ -24,9 +27,6 @@ const BAIL = new Bail();
 class PlainDecoder {
   private bytes: Uint8Array = EMPTY;
   private pos = 0;
-  /** A view of the whole buffer under the last body that had a 64-bit value (a server reads
-   * every packet into the same buffer, so this is made once). */
-  private dataView: DataView | null = null;
   private readonly cacheBytes: (Uint8Array | undefined)[] = new Array(CACHE_SLOTS).fill(undefined);
   private readonly cacheText: string[] = new Array(CACHE_SLOTS).fill("");
 
@@ -69,16 +69,24 @@ class PlainDecoder {
         return this.uint(2);
       case 0xce:
         return this.uint(4);
-      case 0xcf:
-        return this.view(8).getBigUint64(this.bytes.byteOffset + this.pos - 8);
+      case 0xcf: {
+        const hi = this.uint(4);
+        const lo = this.uint(4);
+        // Up to 2^53 as a number (see the top of this file); beyond, the exact bigint.
+        return hi < 0x20_0000 ? hi * 0x1_0000_0000 + lo : (BigInt(hi) << 32n) | BigInt(lo);
+      }
       case 0xd0:
         return (this.uint(1) << 24) >> 24;
       case 0xd1:
         return (this.uint(2) << 16) >> 16;
       case 0xd2:
         return this.uint(4) | 0;
-      case 0xd3:
-        return this.view(8).getBigInt64(this.bytes.byteOffset + this.pos - 8);
+      case 0xd3: {
+        const hi = this.uint(4) | 0;
+        const lo = this.uint(4);
+        const n = hi * 0x1_0000_0000 + lo; // exact whenever it is a safe integer
+        return Number.isSafeInteger(n) ? n : (BigInt(hi) << 32n) | BigInt(lo);
+      }
       case 0xd9:
         return this.string(this.uint(1));
       case 0xdc:
@@ -88,15 +96,6 @@ class PlainDecoder {
       default:
         throw BAIL;
     }
-  }
-
-  /** Takes `n` bytes; returns a DataView of the body's whole buffer (offsets are the buffer's, not the body's). */
-  private view(n: number): DataView {
-    this.need(n);
-    this.pos += n;
-    const buffer = this.bytes.buffer;
-    if (this.dataView === null || this.dataView.buffer !== buffer) this.dataView = new DataView(buffer);
-    return this.dataView;
   }
 
   /** A big-endian unsigned integer of 1, 2 or 4 bytes. */
