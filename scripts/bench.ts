@@ -22,9 +22,21 @@ if (process.env.VMEMD_BENCH_PINNED === undefined && Bun.which("taskset") !== nul
 const BINARY = join(ROOT, "dist", "vmemd");
 const work = mkdtempSync(join(tmpdir(), "vmemd-bench-"));
 const quick = process.argv.includes("--quick");
-/** `--only rtt,register,regions,startup,memory,free`: run just those sections (for iterating on one figure). */
-const onlyArg = process.argv.find((a) => a.startsWith("--only="))?.slice("--only=".length);
-const only = onlyArg === undefined ? null : new Set(onlyArg.split(","));
+/** `--only rtt,register` (or `--only=...`): just those sections, for iterating on one figure. */
+const SECTIONS = ["rtt", "register", "regions", "startup", "memory", "free"];
+const only = (() => {
+  const args = process.argv.slice(2);
+  const at = args.findIndex((a) => a === "--only" || a.startsWith("--only="));
+  if (at === -1) return null;
+  const text = args[at] === "--only" ? args[at + 1] : args[at]!.slice("--only=".length);
+  const names = (text ?? "").split(",").filter((n) => n !== "");
+  const unknown = names.filter((n) => !SECTIONS.includes(n));
+  if (names.length === 0 || unknown.length > 0) {
+    process.stderr.write(`bench: --only takes sections from ${SECTIONS.join(",")}; got "${text ?? ""}"\n`);
+    process.exit(2);
+  }
+  return new Set(names);
+})();
 const wanted = (section: string) => only === null || only.has(section);
 const scale = (n: number) => (quick ? Math.max(1, Math.floor(n / 10)) : n);
 const MiB = 1 << 20;
@@ -155,37 +167,37 @@ async function main(): Promise<void> {
     const v = await startVmemd(["--memory", "64M"]);
     const n = String(scale(20000));
     if (wanted("rtt")) {
-    // Warm-up: JIT tiers and caches settle first, for both servers alike.
-    runJson([echoClient, echo.socket, "rtt", n]);
-    runJson([echoClient, v.socket, "rtt", n]);
-    runJson([echoClient, v.socket, "pipe", String(scale(100000)), "32"]);
-    // Two tasks sharing one CPU settle into one of two scheduling patterns (a context switch
-    // per packet, or batches), and a run's figures jump by up to 3x between them, for the C
-    // server as much as for vmemd. So: ROUNDS alternating runs each, best of them.
-    const rtts = { c: [] as Record<string, number>[], v: [] as Record<string, number>[] };
-    const pipes = { c: [] as Record<string, number>[], v: [] as Record<string, number>[] };
-    for (let round = 0; round < ROUNDS; round++) {
-      rtts.c.push(runJson([echoClient, echo.socket, "rtt", n]));
-      rtts.v.push(runJson([echoClient, v.socket, "rtt", n]));
-      pipes.c.push(runJson([echoClient, echo.socket, "pipe", String(scale(200000)), "32"]));
-      pipes.v.push(runJson([echoClient, v.socket, "pipe", String(scale(200000)), "32"]));
-    }
-    const bestRtt = (runs: Record<string, number>[]) => runs.reduce((a, b) => (b.median_ns! < a.median_ns! ? b : a));
-    const bestPipe = (runs: Record<string, number>[]) => runs.reduce((a, b) => (b.per_second! > a.per_second! ? b : a));
-    const cRtt = bestRtt(rtts.c);
-    const vRtt = bestRtt(rtts.v);
-    const cPipe = bestPipe(pipes.c);
-    const vPipe = bestPipe(pipes.v);
-    raw.rtt = rtts;
-    raw.pipelined = pipes;
-    const m = vRtt.median_ns! / cRtt.median_ns!;
-    figure("round trip, median", us(vRtt.median_ns!), us(cRtt.median_ns!), m, "≤ 1.2×", m <= 1.2);
-    const p99 = vRtt.p99_ns! / cRtt.p99_ns!;
-    figure("round trip, p99", us(vRtt.p99_ns!), us(cRtt.p99_ns!), p99, "—", true);
-    const p999 = vRtt.p999_ns! / cRtt.p999_ns!;
-    figure("round trip, p99.9", us(vRtt.p999_ns!), us(cRtt.p999_ns!), p999, "≤ 3×", p999 <= 3);
-    const t = vPipe.per_second! / cPipe.per_second!;
-    figure("pipelined, 32 in flight", `${Math.round(vPipe.per_second!)}/s`, `${Math.round(cPipe.per_second!)}/s`, t, "≥ 0.8×", t >= 0.8);
+      // Warm-up: JIT tiers and caches settle first, for both servers alike.
+      runJson([echoClient, echo.socket, "rtt", n]);
+      runJson([echoClient, v.socket, "rtt", n]);
+      runJson([echoClient, v.socket, "pipe", String(scale(100000)), "32"]);
+      // Two tasks sharing one CPU settle into one of two scheduling patterns (a context switch
+      // per packet, or batches), and a run's figures jump by up to 3x between them, for the C
+      // server as much as for vmemd. So: ROUNDS alternating runs each, best of them.
+      const rtts = { c: [] as Record<string, number>[], v: [] as Record<string, number>[] };
+      const pipes = { c: [] as Record<string, number>[], v: [] as Record<string, number>[] };
+      for (let round = 0; round < ROUNDS; round++) {
+        rtts.c.push(runJson([echoClient, echo.socket, "rtt", n]));
+        rtts.v.push(runJson([echoClient, v.socket, "rtt", n]));
+        pipes.c.push(runJson([echoClient, echo.socket, "pipe", String(scale(200000)), "32"]));
+        pipes.v.push(runJson([echoClient, v.socket, "pipe", String(scale(200000)), "32"]));
+      }
+      const bestRtt = (runs: Record<string, number>[]) => runs.reduce((a, b) => (b.median_ns! < a.median_ns! ? b : a));
+      const bestPipe = (runs: Record<string, number>[]) => runs.reduce((a, b) => (b.per_second! > a.per_second! ? b : a));
+      const cRtt = bestRtt(rtts.c);
+      const vRtt = bestRtt(rtts.v);
+      const cPipe = bestPipe(pipes.c);
+      const vPipe = bestPipe(pipes.v);
+      raw.rtt = rtts;
+      raw.pipelined = pipes;
+      const m = vRtt.median_ns! / cRtt.median_ns!;
+      figure("round trip, median", us(vRtt.median_ns!), us(cRtt.median_ns!), m, "≤ 1.2×", m <= 1.2);
+      const p99 = vRtt.p99_ns! / cRtt.p99_ns!;
+      figure("round trip, p99", us(vRtt.p99_ns!), us(cRtt.p99_ns!), p99, "—", true);
+      const p999 = vRtt.p999_ns! / cRtt.p999_ns!;
+      figure("round trip, p99.9", us(vRtt.p999_ns!), us(cRtt.p999_ns!), p999, "≤ 3×", p999 <= 3);
+      const t = vPipe.per_second! / cPipe.per_second!;
+      figure("pipelined, 32 in flight", `${Math.round(vPipe.per_second!)}/s`, `${Math.round(cPipe.per_second!)}/s`, t, "≥ 0.8×", t >= 0.8);
     }
 
     // 3: RegisterMemory + UnregisterMemory vs the same work done in C in-process, plus two

@@ -106,6 +106,26 @@ describe("--ready-fd", () => {
       expect(await proc.exited).toBe(0);
     }
   });
+
+  test("a standard stream is written to but left open; a read-only or missing descriptor is refused", async () => {
+    requireBinary();
+    const sock = `/tmp/vmemd-ready1-${process.pid}.sock`;
+    const proc = Bun.spawn([BINARY, "serve", "--socket", sock, "--memory", "16M", "--ready-fd", "1"], { stdout: "pipe", stderr: "pipe" });
+    try {
+      const reader = proc.stdout.getReader();
+      expect(new TextDecoder().decode((await reader.read()).value)).toBe("ready\n");
+      const next = reader.read().then(() => "more");
+      expect(await Promise.race([next, Bun.sleep(200).then(() => "still open")])).toBe("still open");
+    } finally {
+      proc.kill("SIGTERM");
+      expect(await proc.exited).toBe(0);
+    }
+    for (const redirect of ["3</dev/null", ""]) {
+      const r = Bun.spawnSync(["sh", "-c", `exec "$0" serve --socket "$1" --memory 16M --ready-fd 3 ${redirect}`, BINARY, `${sock}.x`], { stderr: "pipe" });
+      expect(r.exitCode).toBe(2);
+      expect(r.stderr.toString()).toMatch(/^--ready-fd: .*\n$/);
+    }
+  });
 });
 
 describe("ctl against a running server", () => {

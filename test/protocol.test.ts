@@ -226,3 +226,54 @@ describe("the plain MessagePack encoder writes what the general one does", () =>
     expect(plain).toBeGreaterThan(40_000);
   }, 60_000);
 });
+
+describe("the plain MessagePack codec at its edges", () => {
+  const reference = new Decoder({ useBigInt64: true, maxStrLength: 65536, maxBinLength: 65536 });
+  const hexOf = (b: Uint8Array) => Buffer.from(b).toString("hex");
+
+  test("a body in the middle of a larger buffer decodes as on its own", () => {
+    const body = encodeValueGeneral(structuredClone(REQUESTS[0])).slice(); // uint 64 guest address
+    const buf = new Uint8Array(body.length + 13).fill(0xc1); // 0xc1: never valid MessagePack
+    buf.set(body, 7);
+    expect(decodePlain(buf.subarray(7, 7 + body.length))).toEqual(decodePlain(body.slice()) as never);
+    expect(decodePlain(buf.subarray(7, 7 + body.length))).not.toBe(NOT_PLAIN);
+    expect(decodePlain(buf.subarray(6, 7 + body.length))).toBe(NOT_PLAIN); // the 0xc1 before it
+  });
+
+  test("strings sharing a cache slot never come back as each other", () => {
+    // Same length and the same first, middle and last byte: the same slot.
+    for (let round = 0; round < 3; round++) {
+      for (const s of ["aXbYc", "aZbWc", "aXbYc", "a\u00e9c"]) {
+        const body = new Encoder().encode({ [s]: s });
+        const plain = decodePlain(body);
+        if (s.charCodeAt(1) > 0x7f) expect(plain).toBe(NOT_PLAIN);
+        else expect(plain).toEqual({ [s]: s });
+      }
+    }
+  });
+
+  test("nesting: 16 levels are plain, deeper is left to the general codec", () => {
+    let v: unknown = 1;
+    for (let i = 0; i < 16; i++) v = [v];
+    expect(decodePlain(new Encoder().encode(v))).toEqual(v as never);
+    expect(hexOf(encodePlain(v) as Uint8Array)).toBe(hexOf(new Encoder().encode(v)));
+    const deeper = [v];
+    expect(decodePlain(new Encoder().encode(deeper))).toBe(NOT_PLAIN);
+    expect(encodePlain(deeper)).toBe(NOT_PLAIN);
+  });
+
+  test("counts and lengths beyond the bytes that follow are not plain (and the reference refuses them)", () => {
+    for (const hex of ["deffff", "dcffff", "de0002a161", "81d9", "81d905616263", "cf0000", "d3ff", "92c3"]) {
+      const body = Buffer.from(hex, "hex");
+      expect({ hex, plain: decodePlain(body) }).toEqual({ hex, plain: NOT_PLAIN });
+      expect(() => reference.decode(body)).toThrow();
+    }
+  });
+
+  test("an encoding that outgrows the first buffer, and one beyond the limit", () => {
+    const big = Array.from({ length: 1000 }, () => 2 ** 40); // 9 bytes each: 9 KiB
+    expect(hexOf(encodePlain(big) as Uint8Array)).toBe(hexOf(encodeValueGeneral(structuredClone(big))));
+    expect(encodePlain("x".repeat(60000).split("").map(() => "yyy"))).toBe(NOT_PLAIN); // 240 KiB
+    expect(hexOf(encodePlain({ small: 1 }) as Uint8Array)).toBe("81a5736d616c6c01"); // still right after
+  });
+});

@@ -10,7 +10,7 @@
  *
  * Creates a VM, listens on SOCKET_PATH (a stale file there is unlinked
  * first), and serves clients from one epoll loop, level triggered, reading
- * one packet per readiness as vmemd does with a single client:
+ * each ready client until EAGAIN, as vmemd does:
  *   - a packet carrying a descriptor is a RegisterMemory: F_ADD_SEALS
  *     (F_SEAL_SHRINK; a failure is ignored, as in vmemd), fstat, mmap of
  *     st_size bytes MAP_SHARED read-write, KVM_SET_USER_MEMORY_REGION in the
@@ -18,7 +18,12 @@
  *   - a packet without one is an UnregisterMemory: the same ioctl with
  *     memory_size 0, munmap.
  * Either is answered with the MessagePack string "Ok" (a2 4f 6b). One live
- * region per client: a second RegisterMemory replaces nothing and fails.
+ * region per client: a second RegisterMemory maps nothing (still "Ok": the
+ * figure times the success path only). Any further descriptors in a packet
+ * are closed. A client is dropped at end of stream (a zero-length packet
+ * without descriptors reads as one), on an error, or when its socket is too
+ * full to take an answer: a reference for one synchronous client, not a
+ * general server.
  *
  * Prints {"ready":true} on stdout (flushed) once listening. Exits 0 on
  * SIGTERM/SIGINT, removing the socket file. Errors: stderr, exit 1.
@@ -97,7 +102,13 @@ static int serve(struct client *c) {
     if (n == 0 && !cm) return -1; /* end of stream */
     if (cm && cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
         int mfd;
+        size_t nfds = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
         memcpy(&mfd, CMSG_DATA(cm), sizeof mfd);
+        for (size_t i = 1; i < nfds; i++) {
+            int extra;
+            memcpy(&extra, CMSG_DATA(cm) + i * sizeof(int), sizeof extra);
+            close(extra);
+        }
         struct stat st;
         fcntl(mfd, F_ADD_SEALS, F_SEAL_SHRINK);
         /* A refusal (a region already live, an empty file) is still answered "Ok": the
@@ -175,7 +186,8 @@ int main(int argc, char **argv) {
             }
             if (tag == &LISTEN_TAG) {
                 int fd;
-                while ((fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)) >= 0) {
+                while ((fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)) >= 0 || errno == EINTR) {
+                    if (fd < 0) continue;
                     struct client *c = NULL;
                     for (unsigned k = 0; k < MAX_CLIENTS && !c; k++)
                         if (clients[k].fd < 0) c = &clients[k];
@@ -187,10 +199,14 @@ int main(int argc, char **argv) {
                     struct epoll_event cev = {.events = EPOLLIN, .data.ptr = c};
                     if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &cev) < 0) die("epoll_ctl client");
                 }
+                if (errno != EAGAIN) die("accept4"); /* EMFILE and the like: no spinning */
                 continue;
             }
             struct client *c = tag;
-            if (serve(c) < 0) {
+            int r;
+            while ((r = serve(c)) > 0) {
+            }
+            if (r < 0) {
                 drop_region(c);
                 epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
                 close(c->fd);

@@ -100,9 +100,12 @@ export async function serve(argv: string[]): Promise<number> {
     } catch {
       throw new UsageError(`--ready-fd: ${readyFd} is not an open descriptor`);
     }
-    // Refuses anonymous inodes (eventfd, epoll): those are the runtime's own, not a parent's pipe.
-    if (type !== sys.S_IFIFO && type !== sys.S_IFSOCK && type !== sys.S_IFREG && type !== sys.S_IFCHR) {
-      throw new UsageError(`--ready-fd: descriptor ${readyFd} is not a pipe, socket, file or terminal`);
+    // An inherited descriptor: not close-on-exec (the runtime opens its own with it set),
+    // open for writing, and a pipe, socket, file or terminal (never an eventfd or epoll).
+    const inherited = (sys.fcntl(readyFd, sys.F_GETFD) & sys.FD_CLOEXEC) === 0;
+    const writable = (sys.fcntl(readyFd, sys.F_GETFL) & sys.O_ACCMODE) !== sys.O_RDONLY;
+    if (!inherited || !writable || (type !== sys.S_IFIFO && type !== sys.S_IFSOCK && type !== sys.S_IFREG && type !== sys.S_IFCHR)) {
+      throw new UsageError(`--ready-fd: descriptor ${readyFd} is not a writable pipe, socket, file or terminal passed by the parent`);
     }
   }
   const log = new Logger(level, format);
@@ -162,13 +165,28 @@ export async function serve(argv: string[]): Promise<number> {
   }
 }
 
-/** --ready-fd: one line, then the descriptor is closed (standard streams stay open). */
+/**
+ * --ready-fd: one line, then the descriptor is closed (standard streams stay open). A full
+ * non-blocking pipe is waited on (up to a second), not given up on.
+ */
 function notifyReady(fd: number, log: Logger): void {
   try {
-    sys.write(fd, new TextEncoder().encode("ready\n"));
+    const line = new TextEncoder().encode("ready\n");
+    for (let done = 0; done < line.byteLength; ) {
+      try {
+        done += sys.write(fd, line.subarray(done));
+      } catch (e) {
+        if (e instanceof sys.SysError && e.errno === sys.Errno.EAGAIN && sys.pollOne(fd, sys.POLLOUT, 1000) > 0) continue;
+        throw e;
+      }
+    }
   } catch (e) {
-    // The reader may be gone; serving goes on regardless.
+    // The reader may be gone; serving goes on regardless (it sees EOF without the line).
     log.warn("could not write to --ready-fd", { fd, error: String(e) });
   }
-  if (fd > 2) sys.close(fd);
+  if (fd > 2) {
+    try {
+      sys.close(fd);
+    } catch {}
+  }
 }

@@ -62,7 +62,7 @@ export class VmemClient {
   /** Requests sent whose responses have not been read yet. */
   inFlight = 0;
 
-  /** The SO_RCVTIMEO in force, in ms (0: none set yet). */
+  /** The SO_RCVTIMEO in force, in ms (0: none, the kernel's default: wait for ever). */
   private recvTimeoutMs = 0;
 
   private constructor(readonly fd: number) {}
@@ -100,19 +100,31 @@ export class VmemClient {
     this.sendPacket(encodeRequest(req));
   }
 
-  /** Reads one response, waiting for it in recvmsg (SO_RCVTIMEO bounds the wait). */
+  /**
+   * Reads one response, waiting for it in recvmsg (SO_RCVTIMEO bounds the wait). A timeout
+   * of 0 only looks; a negative or infinite one waits for ever.
+   */
   recv(timeoutMs = 30_000): VmMemoryResponse {
-    const ms = Math.max(1, Math.ceil(timeoutMs));
-    if (ms !== this.recvTimeoutMs) {
-      sys.setRecvTimeout(this.fd, ms);
-      this.recvTimeoutMs = ms;
+    if (Number.isNaN(timeoutMs)) throw new RangeError("recv: the timeout is NaN");
+    if (timeoutMs === 0) {
+      const r = this.tryRecv();
+      if (r === undefined) throw new sys.SysError("recvmsg: no response ready", sys.Errno.ETIMEDOUT);
+      return r;
     }
-    const start = performance.now();
+    const forever = timeoutMs < 0 || timeoutMs === Infinity;
+    const deadline = performance.now() + timeoutMs;
     for (;;) {
+      // What is left of the timeout (a signal may have cut a wait short); 0 is for ever.
+      const left = forever ? 0 : Math.max(1, Math.ceil(deadline - performance.now()));
+      if (left !== this.recvTimeoutMs) {
+        sys.setRecvTimeout(this.fd, left);
+        this.recvTimeoutMs = left;
+      }
       const r = this.receive(true);
       if (r !== undefined) return r;
-      // -1: the timeout ran out, or a signal cut the wait short (then wait again).
-      if (performance.now() - start >= ms) throw new sys.SysError(`recvmsg: no response within ${ms} ms`, sys.Errno.ETIMEDOUT);
+      if (!forever && performance.now() >= deadline) {
+        throw new sys.SysError(`recvmsg: no response within ${timeoutMs} ms`, sys.Errno.ETIMEDOUT);
+      }
     }
   }
 

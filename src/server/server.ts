@@ -175,8 +175,9 @@ export class Server {
     // cannot while we sleep in epoll_wait: let it turn on every tick, on EINTR, and at
     // least every YIELD_MS while busy. The tick is a timerfd in the set, so epoll_wait
     // itself sleeps without a timeout (a timed one arms an hrtimer on every sleep).
-    const tick = new sys.IntervalTimer(TICK_MS);
+    let tick: sys.IntervalTimer | null = null;
     try {
+      tick = new sys.IntervalTimer(TICK_MS);
       this.epoll.add(tick.fd, sys.EPOLLIN);
       let lastYield = performance.now();
       while (!this.stopping) {
@@ -195,9 +196,9 @@ export class Server {
         }
       }
     } finally {
-      tick.close();
+      tick?.close();
+      this.shutdown(); // on every way out: clients closed, the socket file removed
     }
-    this.shutdown();
     return this.exitCode;
   }
 

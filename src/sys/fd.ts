@@ -5,6 +5,8 @@ import { check, checkFault, lastErrno, SysError } from "./error";
 // asm-generic/fcntl.h, linux/memfd.h, sys/eventfd.h, asm-generic/resource.h
 export const O_RDONLY = 0;
 export const O_RDWR = 2;
+export const O_ACCMODE = 3;
+export const FD_CLOEXEC = 1;
 export const O_NONBLOCK = 0o4000;
 export const O_CLOEXEC = 0o2000000;
 export const O_DIRECTORY = 0o200000;
