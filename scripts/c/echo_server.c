@@ -28,6 +28,8 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "common.h"
+
 #define MAX_BODY 65536
 #define MAX_FDS 253            /* SCM_MAX_FD */
 #define MAX_EVENTS 64
@@ -134,36 +136,9 @@ int main(int argc, char **argv) {
         return 2;
     }
     const char *path = argv[1];
-    struct sockaddr_un addr = {.sun_family = AF_UNIX};
-    if (strlen(path) >= sizeof addr.sun_path) {
-        fprintf(stderr, "echo_server: socket path too long (max %zu bytes)\n",
-                sizeof addr.sun_path - 1);
-        return 2;
-    }
-    memcpy(addr.sun_path, path, strlen(path) + 1);
-
-    sigset_t mask;
-    sigemptyset(&mask);
-    sigaddset(&mask, SIGTERM);
-    sigaddset(&mask, SIGINT);
-    if (sigprocmask(SIG_BLOCK, &mask, NULL) < 0) die("sigprocmask");
-    signal(SIGPIPE, SIG_IGN);
-    int sfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
-    if (sfd < 0) die("signalfd");
-
-    if (unlink(path) < 0 && errno != ENOENT) die("unlink stale socket");
-    int lfd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (lfd < 0) die("socket");
-    if (bind(lfd, (struct sockaddr *)&addr, sizeof addr) < 0) die("bind");
+    int lfd;
+    int ep = serve_setup("echo_server", path, &LISTEN_TAG, &SIGNAL_TAG, &lfd);
     sock_path = path;
-    if (listen(lfd, SOMAXCONN) < 0) die("listen");
-
-    int ep = epoll_create1(EPOLL_CLOEXEC);
-    if (ep < 0) die("epoll_create1");
-    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &LISTEN_TAG};
-    if (epoll_ctl(ep, EPOLL_CTL_ADD, lfd, &ev) < 0) die("epoll_ctl listen");
-    ev.data.ptr = &SIGNAL_TAG;
-    if (epoll_ctl(ep, EPOLL_CTL_ADD, sfd, &ev) < 0) die("epoll_ctl signalfd");
 
     printf("{\"ready\":true}\n");
     fflush(stdout);

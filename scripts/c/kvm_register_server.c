@@ -46,6 +46,8 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "common.h"
+
 #define MAX_CLIENTS 64
 #define GUEST_BASE 0x4000000000ull
 #define GUEST_STRIDE 0x100000000ull
@@ -139,32 +141,8 @@ int main(int argc, char **argv) {
     vm_fd = ioctl(kvm, KVM_CREATE_VM, 0);
     if (vm_fd < 0) die("KVM_CREATE_VM");
 
-    struct sockaddr_un sa = {.sun_family = AF_UNIX};
-    if (strlen(sock_path) >= sizeof sa.sun_path) {
-        fprintf(stderr, "kvm_register_server: socket path too long\n");
-        return 2;
-    }
-    strcpy(sa.sun_path, sock_path);
-    unlink(sock_path);
-    int lfd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (lfd < 0) die("socket");
-    if (bind(lfd, (struct sockaddr *)&sa, sizeof sa) < 0) die("bind");
-    if (listen(lfd, 64) < 0) die("listen");
-
-    sigset_t mask;
-    sigemptyset(&mask);
-    sigaddset(&mask, SIGTERM);
-    sigaddset(&mask, SIGINT);
-    if (sigprocmask(SIG_BLOCK, &mask, NULL) < 0) die("sigprocmask");
-    int sfd = signalfd(-1, &mask, SFD_CLOEXEC);
-    if (sfd < 0) die("signalfd");
-
-    int ep = epoll_create1(EPOLL_CLOEXEC);
-    if (ep < 0) die("epoll_create1");
-    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &LISTEN_TAG};
-    if (epoll_ctl(ep, EPOLL_CTL_ADD, lfd, &ev) < 0) die("epoll_ctl listener");
-    ev.data.ptr = &SIGNAL_TAG;
-    if (epoll_ctl(ep, EPOLL_CTL_ADD, sfd, &ev) < 0) die("epoll_ctl signalfd");
+    int lfd;
+    int ep = serve_setup("kvm_register_server", sock_path, &LISTEN_TAG, &SIGNAL_TAG, &lfd);
 
     struct client clients[MAX_CLIENTS] = {0};
     for (unsigned i = 0; i < MAX_CLIENTS; i++) clients[i].fd = -1, clients[i].slot = i;

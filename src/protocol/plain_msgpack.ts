@@ -295,24 +295,23 @@ class PlainEncoder {
     this.pos = p;
   }
 
-  private array(a: unknown[], depth: number): void {
-    const n = a.length;
+  /** The head of an array or map of `n` entries: the fix form, else the 16-bit one. */
+  private entries(n: number, fix: number, head16: number): void {
     if (n < 16) {
       this.room(1);
-      this.byte(0x90 + n);
-    } else if (n < 0x10000) this.head(0xdc, n, 2);
+      this.byte(fix + n);
+    } else if (n < 0x10000) this.head(head16, n, 2);
     else throw BAIL;
-    for (let i = 0; i < n; i++) this.value(a[i], depth + 1);
+  }
+
+  private array(a: unknown[], depth: number): void {
+    this.entries(a.length, 0x90, 0xdc);
+    for (let i = 0; i < a.length; i++) this.value(a[i], depth + 1);
   }
 
   private map(o: Record<string, unknown>, depth: number): void {
     const keys = Object.keys(o);
-    const n = keys.length;
-    if (n < 16) {
-      this.room(1);
-      this.byte(0x80 + n);
-    } else if (n < 0x10000) this.head(0xde, n, 2);
-    else throw BAIL;
+    this.entries(keys.length, 0x80, 0xde);
     for (const k of keys) {
       this.string(k);
       this.value(o[k], depth + 1);
