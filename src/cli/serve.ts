@@ -2,7 +2,6 @@
 import * as sys from "../sys";
 import { KvmVm } from "../kvm";
 import { RegionState, SystemAllocator, describeAlloc, type ExecContext } from "../memory";
-import { schema } from "../protocol";
 import { DEFAULT_SERVER_OPTIONS, Logger, Server, type LogFormat, type LogLevel } from "../server";
 import { flag, parseFlags, parseNumber, parsePciBarSize, parseSize, UsageError } from "./args";
 import type { GuestHandle } from "./guest";
@@ -150,10 +149,6 @@ export async function serve(argv: string[]): Promise<number> {
     }
     server.listen();
     if (readyFd !== -1) notifyReady(readyFd, log);
-    // zod and the schemas load on first use, not before the socket is ready (start-up is a
-    // benchmarked figure): build them in the loop's first idle turn (its first tick, 100 ms
-    // in), so that only a request in that window waits the ~7 ms.
-    setImmediate(() => schema.schemas());
     log.info("vmemd ready", {
       socket: socketPath,
       memory,
