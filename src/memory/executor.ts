@@ -5,7 +5,7 @@ import { type GuestAddress, hex, MemoryMapping, type IoeventDatamatch, type MemS
 import { allocKey, describeAlloc, type SystemAllocator } from "./allocator";
 import { failure, rethrowWithContext, VmMemoryError, withContext } from "./error";
 import { IntervalMap } from "./interval_map";
-import { isArena, type PreparedArena, type Region, type RegionState } from "./region_state";
+import { isArena, regionIdOf, type PreparedArena, type Region, type RegionState } from "./region_state";
 import type {
   Alloc,
   Datamatch,
@@ -299,8 +299,7 @@ function mapIntoArena(
 }
 
 function unregisterMemory(ctx: ExecContext, id: U64): VmMemoryResponse {
-  const guest = typeof id === "bigint" && id > BigInt(Number.MAX_SAFE_INTEGER) ? -1 : Number(id);
-  const region = ctx.state.regions.get(guest);
+  const region = ctx.state.regions.get(regionIdOf(id));
   if (region === undefined) throw failure("ENOENT", `no registered memory region with id ${hex(id)}`);
   if (region.arena !== null) {
     const arena = region.arena;

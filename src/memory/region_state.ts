@@ -35,6 +35,16 @@ export class RegionState {
   balloonTarget: U64 | null = null;
 }
 
+/**
+ * A wire u64 as a RegionId; -1 (no region) above 2^53. A number passes through untouched:
+ * `Number(x)` on the hot path made JSC's DFG speculate an int32 result, exit on every
+ * guest address above 2^31, and recompile the caller over and over.
+ */
+export function regionIdOf(v: U64): RegionId {
+  if (typeof v === "number") return v;
+  return v > BigInt(Number.MAX_SAFE_INTEGER) ? -1 : Number(v);
+}
+
 export function isArena(x: Region | PreparedArena): x is PreparedArena {
   return "fixed" in x;
 }
