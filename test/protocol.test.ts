@@ -2,7 +2,8 @@
 // against the zod schema, which stays the one definition of the wire.
 import { describe, expect, test } from "bun:test";
 import { fastRequest, fastResponse } from "../src/protocol/fast";
-import { decodeValue, encodeValue, encodeValueGeneral, parseRequestBySchema, parseResponseBySchema } from "../src/protocol";
+import { decodeRequestGeneral, decodeValue, encodeValue, encodeValueGeneral, parseRequestBySchema, parseResponseBySchema } from "../src/protocol";
+import { hotRequest } from "../src/protocol/hot";
 import { decodePlain, encodePlain, NOT_PLAIN } from "../src/protocol/plain_msgpack";
 import { Decoder, Encoder } from "@msgpack/msgpack";
 
@@ -276,4 +277,87 @@ describe("the plain MessagePack codec at its edges", () => {
     expect(encodePlain("x".repeat(60000).split("").map(() => "yyy"))).toBe(NOT_PLAIN); // 240 KiB
     expect(hexOf(encodePlain({ small: 1 }) as Uint8Array)).toBe("81a5736d616c6c01"); // still right after
   });
+});
+
+describe("the hot request path (src/protocol/hot.ts) agrees with the general decoder", () => {
+  // The project's own encoder (as the client's): integers of 2^32 and above go out as
+  // uint 64, where @msgpack/msgpack alone would write a float 64.
+  const encoder = { encode: (v: unknown) => encodeValue(structuredClone(v)).slice() };
+  const register = (size: unknown, guest: unknown, read: unknown, write: unknown, descriptor: unknown = 0, cache: unknown = "CacheCoherent") => ({
+    RegisterMemory: { source: { SharedMemory: { descriptor, size } }, dest: { GuestPhysicalAddress: guest }, prot: { read, write }, cache },
+  });
+  const general = (body: Uint8Array, fds: number[]): { ok: true; req: unknown } | { ok: false } => {
+    try {
+      return { ok: true, req: decodeRequestGeneral(body, fds) };
+    } catch {
+      return { ok: false };
+    }
+  };
+  /** Where the hot path answers, the general decoder answers the same; true if it answered. */
+  function agree(body: Uint8Array, fds: number[]): boolean {
+    const hot = hotRequest(body, fds);
+    if (hot === null) return false;
+    const g = general(body, fds);
+    if (!g.ok) throw new Error(`the hot path accepted what the general decoder refuses: ${Buffer.from(body).toString("hex")} fds ${fds}`);
+    expect(hot).toEqual(g.req as never);
+    return true;
+  }
+  // Every width of MessagePack unsigned integer, and the edges of 2^53.
+  const UINTS = [0, 1, 127, 128, 255, 256, 65535, 65536, 2 ** 32 - 1, 2 ** 32, 0x40_0000_0000, 2 ** 53 - 1, 2n ** 53n - 1n];
+
+  test("the plain encodings take the hot path, every integer width, and give what the general decoder gives", () => {
+    let hits = 0;
+    for (const n of UINTS) {
+      for (const [read, write] of [[true, true], [true, false], [false, true], [false, false]]) {
+        if (agree(encoder.encode(register(n, 0x1_0000_0000, read, write)), [9])) hits++;
+        if (agree(encoder.encode(register(4096, n, read, write)), [9])) hits++;
+      }
+      if (agree(encoder.encode({ UnregisterMemory: n }), [])) hits++;
+    }
+    expect(hits).toBe(UINTS.length * 9);
+  });
+
+  test("what it leaves to the general decoder", () => {
+    const reg = encoder.encode(register(4096, 0x1_0000_0000, true, true));
+    const cases: [Uint8Array, number[]][] = [
+      [reg, []], // no descriptor attached
+      [reg, [9, 10]], // one too many
+      [encoder.encode(register(4096, 0x1_0000_0000, true, true, 1)), [9, 10]], // index 1
+      [encoder.encode(register(4096, 0x1_0000_0000, true, true, 0, "CacheNonCoherent")), [9]],
+      [encoder.encode(register(2n ** 53n, 0x1_0000_0000, true, true)), [9]], // stays a bigint
+      [encoder.encode(register(4096, 2n ** 64n - 1n, true, true)), [9]],
+      [encoder.encode(register(-1, 0x1_0000_0000, true, true)), [9]],
+      [encoder.encode(register(4096, 0x1_0000_0000, 1, true)), [9]],
+      [encoder.encode({ RegisterMemory: { dest: { GuestPhysicalAddress: 0 }, source: { SharedMemory: { descriptor: 0, size: 4096 } }, prot: { read: true, write: true }, cache: "CacheCoherent" } }), [9]], // reordered
+      [encoder.encode({ UnregisterMemory: 4096 }), [9]], // a stray descriptor
+      [encoder.encode({ UnregisterMemory: 2n ** 53n }), []],
+      [encoder.encode({ UnregisterMemory: 1.5 }), []],
+      [Uint8Array.from([...encoder.encode({ UnregisterMemory: 4096 }), 0xc0]), []], // trailing byte
+      [reg.subarray(0, reg.length - 1), [9]], // truncated
+    ];
+    for (const [body, fds] of cases) expect(hotRequest(body, fds)).toBeNull();
+    // The reordered map is still a valid request: the general decoder takes it.
+    expect(general(cases[8]![0], [9]).ok).toBe(true);
+  });
+
+  test("200,000 mangled packets: truncated, extended, bytes flipped; never a different request", () => {
+    const r = rng(53);
+    const bases = [register(4096, 0x40_0000_0000, true, true), register(2 * 1024 * 1024, 0x2000, true, false), { UnregisterMemory: 0x40_0000_0000 }, { UnregisterMemory: 7 }];
+    const fdChoices = [[], [9], [9, 10]];
+    let hot = 0;
+    for (let i = 0; i < 200_000; i++) {
+      const base = bases[r(bases.length)]!;
+      const bytes = encoder.encode(base);
+      let body: Uint8Array = bytes;
+      const how = r(4);
+      if (how === 0) body = bytes.subarray(0, r(bytes.length + 1));
+      else if (how === 1) body = Uint8Array.from([...bytes, r(256)]);
+      else if (how === 2) for (let k = 0, n = 1 + r(2); k < n; k++) bytes[r(bytes.length)] = r(256);
+      // Mostly the descriptor count the request wants, so the mangled bytes meet the matcher.
+      const fds = r(4) === 0 ? fdChoices[r(3)]! : "RegisterMemory" in base ? [9] : [];
+      if (agree(body, fds)) hot++;
+    }
+    // Plenty take the hot path (the unchanged ones, and flips inside integers and booleans).
+    expect(hot).toBeGreaterThan(20_000);
+  }, 60_000);
 });

@@ -4,6 +4,7 @@ import type * as z from "zod/mini";
 import { failure, VmMemoryError } from "../memory/error";
 import { descriptorSlots, type VmMemoryFileMapping, type VmMemoryRequest, type VmMemoryResponse } from "../memory/request";
 import { fastRequest, fastResponse } from "./fast";
+import { hotRequest } from "./hot";
 import { decodePlain, encodePlain, NOT_PLAIN } from "./plain_msgpack";
 import { schemas } from "./schema";
 
@@ -197,6 +198,11 @@ export function resolveDescriptors(holders: { holder: Record<string, unknown>; k
 
 /** Decodes one request packet; descriptor fields come back as the packet's descriptors. */
 export function decodeRequest(body: Uint8Array, fds: readonly number[]): VmMemoryRequest {
+  return hotRequest(body, fds) ?? decodeRequestGeneral(body, fds);
+}
+
+/** decodeRequest without the hot path (./hot.ts): what that path must agree with. */
+export function decodeRequestGeneral(body: Uint8Array, fds: readonly number[]): VmMemoryRequest {
   const req = parseRequest(decodeValue(body));
   resolveDescriptors(descriptorSlots(req), fds);
   return req;

@@ -1,0 +1,115 @@
+// The two requests a device's register/unregister traffic is made of, read straight from
+// the packet's bytes when they come in their plainest encoding: the one this project's
+// client and rmp-serde write (fields in declaration order, shortest integer forms).
+// Anything else, a reordered map included, returns null and takes the general path
+// (decodePlain, fastRequest, zod), which stays the definition: test/protocol.test.ts
+// requires both to give the same request for every packet this path accepts.
+import type { VmMemoryRequest } from "../memory/request";
+
+const utf8 = new TextEncoder();
+/** MessagePack of a fixstr key or value (all the constants here are under 32 bytes). */
+const str = (s: string): number[] => [0xa0 | s.length, ...utf8.encode(s)];
+
+// {"RegisterMemory": {"source": {"SharedMemory": {"descriptor": ⟨0⟩, "size": ⟨uint⟩}},
+//  "dest": {"GuestPhysicalAddress": ⟨uint⟩}, "prot": {"read": ⟨bool⟩, "write": ⟨bool⟩},
+//  "cache": "CacheCoherent"}}: constant runs between the holes.
+const REGISTER_HEAD = Uint8Array.from([0x81, ...str("RegisterMemory"), 0x84, ...str("source"), 0x81, ...str("SharedMemory"), 0x82, ...str("descriptor"), 0x00, ...str("size")]);
+const REGISTER_DEST = Uint8Array.from([...str("dest"), 0x81, ...str("GuestPhysicalAddress")]);
+const REGISTER_READ = Uint8Array.from([...str("prot"), 0x82, ...str("read")]);
+const REGISTER_WRITE = Uint8Array.from(str("write"));
+const REGISTER_TAIL = Uint8Array.from([...str("cache"), ...str("CacheCoherent")]);
+const UNREGISTER_HEAD = Uint8Array.from([0x81, ...str("UnregisterMemory")]);
+
+/** A cursor over one packet; `at` is -1 once anything failed to match. */
+class Reader {
+  at = 0;
+  constructor(private readonly b: Uint8Array) {}
+
+  run(bytes: Uint8Array): void {
+    const b = this.b;
+    let at = this.at;
+    if (at < 0 || at + bytes.length > b.length) {
+      this.at = -1;
+      return;
+    }
+    for (let i = 0; i < bytes.length; i++) {
+      if (b[at + i] !== bytes[i]) {
+        this.at = -1;
+        return;
+      }
+    }
+    this.at = at + bytes.length;
+  }
+
+  /** An unsigned integer up to 2^53 - 1 in any of MessagePack's unsigned forms; -1 if not. */
+  uint(): number {
+    const b = this.b;
+    const at = this.at;
+    if (at < 0 || at >= b.length) return this.fail();
+    const tag = b[at]!;
+    if (tag < 0x80) {
+      this.at = at + 1;
+      return tag;
+    }
+    const width = tag === 0xcc ? 1 : tag === 0xcd ? 2 : tag === 0xce ? 4 : tag === 0xcf ? 8 : 0;
+    if (width === 0 || at + 1 + width > b.length) return this.fail();
+    let v = 0;
+    for (let i = 1; i <= width; i++) v = v * 256 + b[at + i]!;
+    // A uint 64 of 2^53 or more is not exact as a double: the general path keeps it a bigint.
+    if (v > Number.MAX_SAFE_INTEGER) return this.fail();
+    this.at = at + 1 + width;
+    return v;
+  }
+
+  bool(): boolean {
+    const at = this.at;
+    const tag = at < 0 || at >= this.b.length ? 0 : this.b[at]!;
+    if (tag !== 0xc2 && tag !== 0xc3) {
+      this.fail();
+      return false;
+    }
+    this.at = at + 1;
+    return tag === 0xc3;
+  }
+
+  private fail(): number {
+    this.at = -1;
+    return -1;
+  }
+
+  /** True when everything matched and nothing is left over. */
+  done(): boolean {
+    return this.at === this.b.length;
+  }
+}
+
+/** The request, when `body` is one of the two in its plainest encoding; else null. */
+export function hotRequest(body: Uint8Array, fds: readonly number[]): VmMemoryRequest | null {
+  if (body.length < 2 || body[0] !== 0x81) return null;
+  const r = new Reader(body);
+  if (body[1] === UNREGISTER_HEAD[1]) {
+    if (fds.length !== 0) return null;
+    r.run(UNREGISTER_HEAD);
+    const id = r.uint();
+    return r.done() ? { UnregisterMemory: id } : null;
+  }
+  if (body[1] !== REGISTER_HEAD[1] || fds.length !== 1) return null;
+  r.run(REGISTER_HEAD);
+  const size = r.uint();
+  r.run(REGISTER_DEST);
+  const guest = r.uint();
+  r.run(REGISTER_READ);
+  const read = r.bool();
+  r.run(REGISTER_WRITE);
+  const write = r.bool();
+  r.run(REGISTER_TAIL);
+  if (!r.done()) return null;
+  return {
+    RegisterMemory: {
+      source: { SharedMemory: { descriptor: fds[0]!, size } },
+      dest: { GuestPhysicalAddress: guest },
+      prot: { read, write },
+      cache: "CacheCoherent",
+    },
+  };
+}
