@@ -357,6 +357,39 @@ describe("a client written against PROTOCOL.md alone", () => {
 });
 
 describe("process", () => {
+  test("SIGTERM while clients keep every wake-up busy: exit 0 all the same", async () => {
+    const s = await VmemdProcess.start(["--memory", "16M"]);
+    // Four clients with 32 requests in flight each, for ever: the loop never finds an idle
+    // moment, and must still let Bun's event loop turn (the tick) to run the signal handler.
+    const flood = `
+      import { encodeRequest, VmemClient } from ${JSON.stringify(import.meta.dir + "/../src/client")};
+      const c = VmemClient.connect(process.argv[1]);
+      const p = encodeRequest({ BalloonTargetReached: { size: 1 } });
+      for (let i = 0; i < 32; i++) c.sendPacket(p);
+      console.log("flooding");
+      try { for (;;) { c.recv(); c.sendPacket(p); } } catch { process.exit(0); }
+    `;
+    const clients = Array.from({ length: 4 }, () => Bun.spawn([process.execPath, "-e", flood, s.socket], { stdout: "pipe", stderr: "pipe" }));
+    try {
+      for (const c of clients) {
+        const reader = c.stdout.getReader();
+        const { value } = await reader.read();
+        expect(new TextDecoder().decode(value)).toContain("flooding");
+        reader.releaseLock();
+      }
+      await Bun.sleep(300);
+      const probe = s.connect();
+      expect((probe.request("GetState") as { State: VmState }).State).toBeDefined(); // still answering
+      probe.close();
+      s.proc.kill("SIGTERM");
+      const exit = await Promise.race([s.proc.exited, Bun.sleep(5000).then(() => "still running after 5 s")]);
+      expect(exit).toBe(0);
+    } finally {
+      for (const c of clients) c.kill("SIGKILL");
+      await s.stop("SIGKILL"); // a no-op when it has exited
+    }
+  }, 20_000);
+
   test("SIGTERM: exit 0 and the socket file is gone; a live socket is not stolen; a stale one is replaced", async () => {
     const s = await VmemdProcess.start(["--memory", "16M"]);
     const second = Bun.spawnSync([import.meta.dir + "/../dist/vmemd", "serve", "--socket", s.socket, "--memory", "16M"]);
