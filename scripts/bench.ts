@@ -45,7 +45,9 @@ const ROUNDS = quick ? 2 : 5;
 /**
  * The register cycle's rounds: 1000 cycles take only 50 ms, and with 5 rounds its ratio
  * still moved by ±0.04 from run to run (the C cycle's own best median by 25.0-28.9 µs).
- * Every side gets the same number of rounds, so more of them narrow the spread, not shift it.
+ * Every side gets the same number of rounds. Each keeps its best, and a best of more runs
+ * sits lower, for each side by its own spread; the baseline is the sum of two such bests
+ * (C cycle and echo pair), which if anything favours the baseline.
  */
 const REGISTER_ROUNDS = quick ? 2 : 15;
 
@@ -195,7 +197,8 @@ class ThreadCpuMeter {
         now.set(tid, Number(readFileSync(`/proc/${this.pid}/task/${tid}/schedstat`, "utf8").split(" ")[0]));
       } catch {} // ended while we looked
     }
-    for (const [tid, ns] of now) this.total += ns - (this.last.get(tid) ?? 0);
+    // max(0, ...): a thread id reused by a newer thread reads lower than the old one did.
+    for (const [tid, ns] of now) this.total += Math.max(0, ns - (this.last.get(tid) ?? 0));
     this.last = now;
     return this.total;
   }
@@ -339,11 +342,12 @@ async function main(): Promise<void> {
     }
     if (timedCycles > 0) {
       // Not a target: what vmemd's compiler threads still did once warm, on the CPU every
-      // process of the bench shares. Code thrown away and rebuilt over and over shows here
-      // (it was 1-2 µs per cycle before the hot path stopped deoptimising).
+      // process of the bench shares, over the whole timed rounds (the other sides' turns
+      // included) per vmemd cycle. Code thrown away and rebuilt over and over shows here:
+      // 1-2 µs per cycle before the hot path stopped deoptimising, or with a 20k warm-up.
       const perCycle = jitNs / timedCycles;
       raw.register_jit_ns_per_cycle = perCycle;
-      figure("JIT compiler CPU per timed register cycle, after warm-up", `${perCycle.toFixed(0)} ns`, "—", null, "(reference)", true);
+      figure("vmemd's JIT compiler CPU over the timed register rounds, per vmemd cycle", `${perCycle.toFixed(0)} ns`, "—", null, "(reference)", true);
     }
     client.close();
     echoClientBun.close();
@@ -403,6 +407,7 @@ async function main(): Promise<void> {
       const socket = join(work, `ready-${i}.sock`);
       t0 = Bun.nanoseconds();
       const v = Bun.spawn([BINARY, "serve", "--socket", socket, "--log-level", "warn", "--memory", "64M", "--ready-fd", "1"], { stdout: "pipe", stderr: "inherit" });
+      children.add(v);
       const first = await v.stdout.getReader().read();
       vTimes.push(Bun.nanoseconds() - t0);
       if (new TextDecoder().decode(first.value) !== "ready\n") throw new Error(`vmemd did not report ready: ${first.value}`);

@@ -1,11 +1,15 @@
 // Hostile or careless clients: limits, peers, release on disconnect, load.
 import { afterAll, describe, expect, test } from "bun:test";
-import { statSync } from "node:fs";
+import { mkdtempSync, rmSync, statSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { encode } from "@msgpack/msgpack";
 import * as sys from "../src/sys";
 import { encodeRequest, VmemError } from "../src/client";
-import { closeAll, memfd, memfdMappings } from "./helpers";
+import { closeAll, memfd, memfdMappings, requireKvm } from "./helpers";
 import { BINARY, VmemdProcess } from "./server_harness";
+
+const ROOT = join(import.meta.dir, "..");
 
 const HIGH = 0x2_0000_0000;
 const servers: VmemdProcess[] = [];
@@ -211,6 +215,42 @@ describe("load", () => {
     c.close();
     await s.expectFdCount(base);
   }, 120_000);
+
+  test("a loop that never finds an idle moment still lets Bun's event loop turn (timers, signal handlers)", async () => {
+    requireKvm();
+    // In a child process: a loop that never yields would hang this one, test timeouts and
+    // all (they are timers too). An eventfd whose count nobody drains is ready on every
+    // epoll_wait, so every wake-up has work and only the tick can hand control back.
+    const script = `
+      import * as sys from ${JSON.stringify(`${ROOT}/src/sys`)};
+      import { KvmVm, MiB } from ${JSON.stringify(`${ROOT}/src/kvm`)};
+      import { RegionState, SystemAllocator } from ${JSON.stringify(`${ROOT}/src/memory`)};
+      import { DEFAULT_SERVER_OPTIONS, Logger, Server } from ${JSON.stringify(`${ROOT}/src/server`)};
+      const vm = KvmVm.create({ memory: 16 * MiB });
+      const ctx = { vm, allocator: new SystemAllocator(vm.ramSize, vm.physAddrLimit), state: new RegionState() };
+      const server = new Server(ctx, { ...DEFAULT_SERVER_OPTIONS, socketPath: process.argv[1], log: new Logger("warn") });
+      server.listen();
+      const busy = sys.eventfd(1);
+      let wakeUps = 0;
+      server.watch(busy, () => void wakeUps++);
+      setTimeout(() => server.stop("test", 3), 300);
+      const code = await server.run();
+      console.log(JSON.stringify({ code, wakeUps }));
+    `;
+    const dir = mkdtempSync(join(tmpdir(), "vmemd-busy-"));
+    const child = Bun.spawn([process.execPath, "-e", script, join(dir, "sock")], { stdout: "pipe", stderr: "pipe" });
+    try {
+      const exit = await Promise.race([child.exited, Bun.sleep(5000).then(() => "still looping after 5 s")]);
+      expect(exit).toBe(0);
+      const out = JSON.parse(await new Response(child.stdout).text());
+      expect(out.code).toBe(3);
+      expect(out.wakeUps).toBeGreaterThan(1000); // it was busy all along
+    } finally {
+      child.kill("SIGKILL");
+      await child.exited;
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }, 10_000);
 });
 
 export { VmemError, encodeRequest };

@@ -195,9 +195,10 @@ export class Server {
 
   /**
    * The loop proper, synchronous: it returns when Bun's event loop is due a turn. Kept
-   * out of the async run(), whose optimised code JSC threw away and rebuilt (an FTL
-   * compile of 8-19 ms on the serving CPU) every second or so: the closure each await
-   * makes is a cell that code refers to weakly, and it dies at the next GC.
+   * out of the async run(): while it lived there, JSC threw run()'s optimised code away
+   * and rebuilt it (an FTL compile of 8-19 ms on the serving CPU) every second or so under
+   * load (BUN_JSC_reportCompileTimes). Our guess at why: the closure each await makes is
+   * a cell that code refers to weakly, and it dies at the next GC.
    */
   private serveUntilTurn(tick: sys.IntervalTimer): void {
     while (!this.stopping) {
