@@ -6,19 +6,33 @@
 // requires both to give the same request for every packet this path accepts.
 import type { VmMemoryRequest } from "../memory/request";
 
-const utf8 = new TextEncoder();
-/** MessagePack of a fixstr key or value (all the constants here are under 32 bytes). */
-const str = (s: string): number[] => [0xa0 | s.length, ...utf8.encode(s)];
+/**
+ * MessagePack bytes of a run of constants: a number is a byte, a string a fixstr (these
+ * are ASCII and under 32 bytes). Plain loops: Uint8Array.from and spreading typed arrays
+ * cost some 0.3 ms of start-up the first time a process uses them.
+ */
+function msgpack(...parts: (number | string)[]): Uint8Array {
+  const out: number[] = [];
+  for (const p of parts) {
+    if (typeof p === "number") {
+      out.push(p);
+      continue;
+    }
+    out.push(0xa0 | p.length);
+    for (let i = 0; i < p.length; i++) out.push(p.charCodeAt(i));
+  }
+  return new Uint8Array(out);
+}
 
 // {"RegisterMemory": {"source": {"SharedMemory": {"descriptor": ⟨0⟩, "size": ⟨uint⟩}},
 //  "dest": {"GuestPhysicalAddress": ⟨uint⟩}, "prot": {"read": ⟨bool⟩, "write": ⟨bool⟩},
 //  "cache": "CacheCoherent"}}: constant runs between the holes.
-const REGISTER_HEAD = Uint8Array.from([0x81, ...str("RegisterMemory"), 0x84, ...str("source"), 0x81, ...str("SharedMemory"), 0x82, ...str("descriptor"), 0x00, ...str("size")]);
-const REGISTER_DEST = Uint8Array.from([...str("dest"), 0x81, ...str("GuestPhysicalAddress")]);
-const REGISTER_READ = Uint8Array.from([...str("prot"), 0x82, ...str("read")]);
-const REGISTER_WRITE = Uint8Array.from(str("write"));
-const REGISTER_TAIL = Uint8Array.from([...str("cache"), ...str("CacheCoherent")]);
-const UNREGISTER_HEAD = Uint8Array.from([0x81, ...str("UnregisterMemory")]);
+const REGISTER_HEAD = msgpack(0x81, "RegisterMemory", 0x84, "source", 0x81, "SharedMemory", 0x82, "descriptor", 0x00, "size");
+const REGISTER_DEST = msgpack("dest", 0x81, "GuestPhysicalAddress");
+const REGISTER_READ = msgpack("prot", 0x82, "read");
+const REGISTER_WRITE = msgpack("write");
+const REGISTER_TAIL = msgpack("cache", "CacheCoherent");
+const UNREGISTER_HEAD = msgpack(0x81, "UnregisterMemory");
 
 /** A cursor over one packet; `at` is -1 once anything failed to match. */
 class Reader {
