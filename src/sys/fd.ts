@@ -104,14 +104,15 @@ export interface Stat {
 const statBuf = new BigInt64Array(18); // struct stat is 144 bytes on x86_64
 const statView = new DataView(statBuf.buffer);
 
+/** A non-negative off_t/blkcnt_t field as two 32-bit halves: no BigInt on the hot path. */
+function statU64(offset: number): number {
+  return statView.getUint32(offset, true) + statView.getUint32(offset + 4, true) * 0x1_0000_0000;
+}
+
 export function fstat(fd: number): Stat {
   checkFault("fstat");
   check("fstat", libc.fstat(fd, statBuf));
-  return {
-    mode: statView.getUint32(24, true),
-    size: Number(statView.getBigInt64(48, true)),
-    blocks: Number(statView.getBigInt64(64, true)),
-  };
+  return { mode: statView.getUint32(24, true), size: statU64(48), blocks: statU64(64) };
 }
 
 /** st_mode of `path` itself (not a symlink's target), or null when nothing is there. */
