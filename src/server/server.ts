@@ -288,13 +288,20 @@ export class Server {
    */
   private readAll(conn: Connection, events: number): void {
     let budget = READ_BUDGET;
+    // Reads of one packet until a second one has come in this wake-up: a client waiting on
+    // each answer sends one at a time, and recvmmsg for more tries the empty queue once
+    // more before it returns (about 0.5 µs; 1 µs of a 50 µs register cycle). Two in a row
+    // mean a client that pipelines: from then on, whole batches.
+    let batch = 1;
+    let reads = 0;
     while (budget > 0 && conn.outbox.length === 0 && !conn.closing) {
-      const want = Math.min(RECV_BATCH, budget);
+      const want = Math.min(batch, budget);
       const n = this.rx.recv(conn.fd, want);
       if (n === -1) {
         if (events & (sys.EPOLLHUP | sys.EPOLLERR)) this.disconnect(conn);
         return;
       }
+      if (++reads === 2) batch = RECV_BATCH;
       budget -= n;
       let i = 0;
       try {
