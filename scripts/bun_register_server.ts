@@ -5,7 +5,8 @@
 //
 // The twin of scripts/c/kvm_register_server.c, written with vmemd's own src/sys: the same
 // VM, the same epoll loop (level triggered, each ready client read until EAGAIN with
-// recvmmsg, answers sent with sendmmsg) and the same system calls per request:
+// recvmmsg, one packet a read until a second one comes, answers sent with sendmmsg) and
+// the same system calls per request:
 //   - a packet carrying a descriptor is a RegisterMemory: F_ADD_SEALS (F_SEAL_SHRINK; a
 //     failure is ignored), fstat, mmap of st_size bytes MAP_SHARED read-write,
 //     KVM_SET_USER_MEMORY_REGION in the client's slot, close of the descriptor;
@@ -67,8 +68,9 @@ function drop(fd: number, c: Client): void {
 }
 
 function serve(fd: number, c: Client): void {
-  for (;;) {
-    const n = rx.recv(fd);
+  // As vmemd reads: one packet at a time until a second one comes in this wake-up.
+  for (let reads = 0; ; reads++) {
+    const n = rx.recv(fd, reads < 2 ? 1 : rx.capacity);
     if (n === -1) return;
     for (let i = 0; i < n; i++) {
       const fds = rx.fds(i);
