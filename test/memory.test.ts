@@ -3,7 +3,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import * as sys from "../src/sys";
 import { GiB, MemoryMapping, MiB } from "../src/kvm";
-import { execute, type ExecContext, type VmMemoryRequest, type VmMemoryResponse, type Alloc } from "../src/memory";
+import { execute, IntervalMap, type ExecContext, type VmMemoryRequest, type VmMemoryResponse, type Alloc } from "../src/memory";
 import { closeAll, fdCount, mapsCount, memfd, memfdMappings, newContext } from "./helpers";
 import type { KvmVm } from "../src/kvm";
 
@@ -389,5 +389,49 @@ describe("ownership", () => {
     expect(Math.abs(mapsCount() - maps)).toBeLessThanOrEqual(8);
     expect(ctx.vm.slotsUsed()).toBe(slots);
     expect(ctx.state.regions.size).toBe(0);
+  });
+});
+
+describe("IntervalMap (pure logic)", () => {
+  test("inserts, removes and overlap queries agree with a sorted-array model over 20k random operations", () => {
+    const map = new IntervalMap<number>();
+    const model: { start: number; end: number }[] = []; // sorted by start, disjoint
+    let seed = 12345;
+    const rand = (n: number) => {
+      seed ^= seed << 13; // xorshift32
+      seed ^= seed >>> 17;
+      seed ^= seed << 5;
+      return (seed >>> 0) % n;
+    };
+    const modelOverlap = (s: number, e: number) => {
+      let best: { start: number; end: number } | undefined;
+      for (const r of model) if (r.start < e) best = r;
+      return best !== undefined && best.end > s ? best : undefined;
+    };
+    for (let i = 0; i < 20000; i++) {
+      const s = rand(4000) * 4;
+      const e = s + 1 + rand(8);
+      if (rand(3) !== 0) {
+        if (modelOverlap(s, e) === undefined) {
+          map.insert(s, e, s);
+          model.push({ start: s, end: e });
+          model.sort((a, b) => a.start - b.start);
+        }
+      } else {
+        const victim = rand(2) === 0 && model.length > 0 ? model[rand(model.length)]!.start : s;
+        const at = model.findIndex((r) => r.start === victim);
+        expect(map.remove(victim)).toBe(at !== -1);
+        if (at !== -1) model.splice(at, 1);
+      }
+      const q = rand(16100);
+      const qe = q + 1 + rand(64);
+      const hit = map.findOverlap(q, qe);
+      const want = modelOverlap(q, qe);
+      expect(hit === undefined ? undefined : [hit.start, hit.end, hit.value]).toEqual(want === undefined ? undefined : [want.start, want.end, want.start]);
+      expect(map.size).toBe(model.length);
+    }
+    expect([...map.entries()].map((n) => [n.start, n.end])).toEqual(model.map((r) => [r.start, r.end]));
+    for (const r of model) expect(map.get(r.start)).toBe(r.start);
+    expect(model.length).toBeGreaterThan(100); // the model was not trivially empty
   });
 });

@@ -61,6 +61,19 @@ function dispatch(req: VmMemoryRequest, ctx: ExecContext): VmMemoryResponse {
       rethrowWithContext(e, `failed to unregister memory region ${hex(req.UnregisterMemory)}`);
     }
   }
+  if ("BalloonTargetReached" in req) {
+    ctx.state.balloonTarget = req.BalloonTargetReached.size;
+    return "Ok";
+  }
+  return dispatchWithClosures(req, ctx);
+}
+
+/**
+ * The requests whose context messages are closures. Kept apart from dispatch(): a closure
+ * that captures `req` makes JSC allocate the function's scope on every call, and the
+ * register/unregister path would pay for it.
+ */
+function dispatchWithClosures(req: Exclude<VmMemoryRequest, "GetState">, ctx: ExecContext): VmMemoryResponse {
   if ("PrepareSharedMemoryRegion" in req) {
     const r = req.PrepareSharedMemoryRegion;
     return withContext(() => `failed to prepare shared memory region for ${describeAlloc(r.alloc)}`, () =>
@@ -81,10 +94,6 @@ function dispatch(req: VmMemoryRequest, ctx: ExecContext): VmMemoryResponse {
       checkRamRanges(ctx.vm, req.DynamicallyReclaimMemoryRanges.ranges);
       return "Ok";
     });
-  }
-  if ("BalloonTargetReached" in req) {
-    ctx.state.balloonTarget = req.BalloonTargetReached.size;
-    return "Ok";
   }
   if ("IoEventRaw" in req) {
     const r = req.IoEventRaw;
@@ -119,8 +128,9 @@ function num(v: U64, what: string): number {
   return v;
 }
 
-function pageAligned(v: number, what: string): void {
-  if (v % PAGE_SIZE !== 0) throw failure("EINVAL", `${what} ${hex(v)} is not page aligned (4096)`);
+/** `what` and `part` make the message only when it is needed (no string per request). */
+function pageAligned(v: number, what: string, part = ""): void {
+  if (v % PAGE_SIZE !== 0) throw failure("EINVAL", `${what}${part} ${hex(v)} is not page aligned (4096)`);
 }
 
 function protBits(prot: Protection): number {
@@ -145,8 +155,8 @@ const FILE_TYPES: Record<number, string> = {
  */
 function checkMemorySource(fd: Fd, offset: number, size: number, what: string): void {
   if (size === 0) throw failure("EINVAL", `${what}: size is zero`);
-  pageAligned(size, `${what}: size`);
-  pageAligned(offset, `${what}: offset`);
+  pageAligned(size, what, ": size");
+  pageAligned(offset, what, ": offset");
   try {
     sys.fcntl(fd, sys.F_ADD_SEALS, sys.F_SEAL_SHRINK);
   } catch {
@@ -344,7 +354,7 @@ function mmapAndRegisterMemory(
     const length = num(f.length, `${what}: length`);
     const memOffset = num(f.mem_offset, `${what}: mem_offset`);
     const fileOffset = num(f.file_offset, `${what}: file_offset`);
-    pageAligned(memOffset, `${what}: mem_offset`);
+    pageAligned(memOffset, what, ": mem_offset");
     if (memOffset + length > size) {
       throw failure("EINVAL", `${what}: ${hex(memOffset)}+${hex(length)} extends past the shm (${hex(size)} bytes)`);
     }

@@ -57,19 +57,37 @@ export class IntervalMap<V> {
   /** Inserts [start, end); the caller has checked it overlaps nothing. */
   insert(start: number, end: number, value: V): void {
     const node: Node<V> = { start, end, value, priority: Math.random(), left: null, right: null };
-    const [l, r] = split(this.root, start);
-    this.root = merge(merge(l, node), r);
+    // Down to where the new node's priority puts it, then the subtree there splits around it.
+    let parent: Node<V> | null = null;
+    let t = this.root;
+    while (t !== null && t.priority >= node.priority) {
+      parent = t;
+      t = start < t.start ? t.left : t.right;
+    }
+    splitInto(t, start, node);
+    this.replaceChild(parent, start, node);
     this.count++;
   }
 
   /** Removes the entry starting at `start`; returns whether there was one. */
   remove(start: number): boolean {
-    const [l, rest] = split(this.root, start);
-    const [mid, r] = split(rest, start + 1);
-    this.root = merge(l, r);
-    if (mid === null) return false;
+    let parent: Node<V> | null = null;
+    let t = this.root;
+    while (t !== null && t.start !== start) {
+      parent = t;
+      t = start < t.start ? t.left : t.right;
+    }
+    if (t === null) return false;
+    this.replaceChild(parent, start, merge(t.left, t.right));
     this.count--;
     return true;
+  }
+
+  /** Puts `child` where the search for `key` left `parent` (the root when there is none). */
+  private replaceChild(parent: Node<V> | null, key: number, child: Node<V> | null): void {
+    if (parent === null) this.root = child;
+    else if (key < parent.start) parent.left = child;
+    else parent.right = child;
   }
 
   *entries(): IterableIterator<{ start: number; end: number; value: V }> {
@@ -87,17 +105,30 @@ export class IntervalMap<V> {
   }
 }
 
-/** Splits into (starts < key, starts >= key). */
-function split<V>(t: Node<V> | null, key: number): [Node<V> | null, Node<V> | null] {
-  if (t === null) return [null, null];
-  if (t.start < key) {
-    const [l, r] = split(t.right, key);
-    t.right = l;
-    return [t, r];
+/**
+ * Splits `t` into starts < key (as `into.left`) and starts >= key (as `into.right`), walking
+ * one path down: no tuples, so register and unregister allocate only the node itself.
+ */
+function splitInto<V>(t: Node<V> | null, key: number, into: Node<V>): void {
+  let leftTail: Node<V> | null = null; // the rightmost node of the left part so far
+  let rightTail: Node<V> | null = null; // the leftmost node of the right part so far
+  into.left = null;
+  into.right = null;
+  while (t !== null) {
+    if (t.start < key) {
+      if (leftTail === null) into.left = t;
+      else leftTail.right = t;
+      leftTail = t;
+      t = t.right;
+    } else {
+      if (rightTail === null) into.right = t;
+      else rightTail.left = t;
+      rightTail = t;
+      t = t.left;
+    }
   }
-  const [l, r] = split(t.left, key);
-  t.left = r;
-  return [l, t];
+  if (leftTail !== null) leftTail.right = null;
+  if (rightTail !== null) rightTail.left = null;
 }
 
 function merge<V>(a: Node<V> | null, b: Node<V> | null): Node<V> | null {

@@ -201,6 +201,11 @@ export function decodeRequest(body: Uint8Array, fds: readonly number[]): VmMemor
   return hotRequest(body, fds) ?? decodeRequestGeneral(body, fds);
 }
 
+/** decodeRequest of bytes [start, end) of `buf`: a view is made only off the hot path. */
+export function decodeRequestAt(buf: Uint8Array, start: number, end: number, fds: readonly number[]): VmMemoryRequest {
+  return hotRequest(buf, fds, start, end) ?? decodeRequestGeneral(buf.subarray(start, end), fds);
+}
+
 /** decodeRequest without the hot path (./hot.ts): what that path must agree with. */
 export function decodeRequestGeneral(body: Uint8Array, fds: readonly number[]): VmMemoryRequest {
   const req = parseRequest(decodeValue(body));

@@ -34,15 +34,26 @@ const REGISTER_WRITE = msgpack("write");
 const REGISTER_TAIL = msgpack("cache", "CacheCoherent");
 const UNREGISTER_HEAD = msgpack(0x81, "UnregisterMemory");
 
-/** A cursor over one packet; `at` is -1 once anything failed to match. */
+/**
+ * A cursor over one packet, bytes [at, end) of `b`; `at` is -1 once anything failed to
+ * match. One is reused for every packet: the hot path allocates only the request.
+ */
 class Reader {
   at = 0;
-  constructor(private readonly b: Uint8Array) {}
+  end = 0;
+  b: Uint8Array = new Uint8Array(0);
+
+  reset(b: Uint8Array, start: number, end: number): this {
+    this.b = b;
+    this.at = start;
+    this.end = end;
+    return this;
+  }
 
   run(bytes: Uint8Array): void {
     const b = this.b;
     let at = this.at;
-    if (at < 0 || at + bytes.length > b.length) {
+    if (at < 0 || at + bytes.length > this.end) {
       this.at = -1;
       return;
     }
@@ -59,14 +70,14 @@ class Reader {
   uint(): number {
     const b = this.b;
     const at = this.at;
-    if (at < 0 || at >= b.length) return this.fail();
+    if (at < 0 || at >= this.end) return this.fail();
     const tag = b[at]!;
     if (tag < 0x80) {
       this.at = at + 1;
       return tag;
     }
     const width = tag === 0xcc ? 1 : tag === 0xcd ? 2 : tag === 0xce ? 4 : tag === 0xcf ? 8 : 0;
-    if (width === 0 || at + 1 + width > b.length) return this.fail();
+    if (width === 0 || at + 1 + width > this.end) return this.fail();
     let v = 0;
     for (let i = 1; i <= width; i++) v = v * 256 + b[at + i]!;
     // A uint 64 of 2^53 or more is not exact as a double: the general path keeps it a bigint.
@@ -77,7 +88,7 @@ class Reader {
 
   bool(): boolean {
     const at = this.at;
-    const tag = at < 0 || at >= this.b.length ? 0 : this.b[at]!;
+    const tag = at < 0 || at >= this.end ? 0 : this.b[at]!;
     if (tag !== 0xc2 && tag !== 0xc3) {
       this.fail();
       return false;
@@ -93,21 +104,27 @@ class Reader {
 
   /** True when everything matched and nothing is left over. */
   done(): boolean {
-    return this.at === this.b.length;
+    return this.at === this.end;
   }
 }
 
-/** The request, when `body` is one of the two in its plainest encoding; else null. */
-export function hotRequest(body: Uint8Array, fds: readonly number[]): VmMemoryRequest | null {
-  if (body.length < 2 || body[0] !== 0x81) return null;
-  const r = new Reader(body);
-  if (body[1] === UNREGISTER_HEAD[1]) {
+const reader = new Reader();
+
+/**
+ * The request, when bytes [start, end) of `buf` are one of the two in their plainest
+ * encoding; else null. (A range rather than a subarray: no view object per packet.)
+ */
+export function hotRequest(buf: Uint8Array, fds: readonly number[], start = 0, end = buf.length): VmMemoryRequest | null {
+  if (end - start < 2 || buf[start] !== 0x81) return null;
+  const r = reader.reset(buf, start, end);
+  const second = buf[start + 1];
+  if (second === UNREGISTER_HEAD[1]) {
     if (fds.length !== 0) return null;
     r.run(UNREGISTER_HEAD);
     const id = r.uint();
     return r.done() ? { UnregisterMemory: id } : null;
   }
-  if (body[1] !== REGISTER_HEAD[1] || fds.length !== 1) return null;
+  if (second !== REGISTER_HEAD[1] || fds.length !== 1) return null;
   r.run(REGISTER_HEAD);
   const size = r.uint();
   r.run(REGISTER_DEST);

@@ -310,9 +310,16 @@ class PlainEncoder {
   }
 
   private map(o: Record<string, unknown>, depth: number): void {
-    const keys = Object.keys(o);
-    this.entries(keys.length, 0x80, 0xde);
-    for (const k of keys) {
+    // for-in rather than Object.keys: no array of keys per object. It walks own keys in
+    // Object.keys' order, then inherited enumerable ones, which a plain object has none of
+    // unless Object.prototype was extended: then the general encoder decides.
+    let n = 0;
+    for (const k in o) {
+      if (!Object.hasOwn(o, k)) throw BAIL;
+      n++;
+    }
+    this.entries(n, 0x80, 0xde);
+    for (const k in o) {
       this.string(k);
       this.value(o[k], depth + 1);
     }

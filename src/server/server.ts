@@ -12,7 +12,7 @@ import {
   type VmMemoryRequest,
   type VmMemoryResponse,
 } from "../memory/request";
-import { decodeFileMappings, decodeRequest, encodeResponse, MAX_PACKET } from "../protocol";
+import { decodeFileMappings, decodeRequestAt, encodeResponse, MAX_PACKET } from "../protocol";
 import type { Logger } from "./log";
 
 export interface ServerOptions {
@@ -319,7 +319,7 @@ export class Server {
             conn.closing = true;
             return;
           }
-          this.handlePacket(conn, this.rx.body(i), len, flags, fds);
+          this.handlePacket(conn, this.rx.bodyStart(i), this.rx.bodyEnd(i), len, flags, fds);
         }
         this.flushBatch(conn);
       } finally {
@@ -334,18 +334,20 @@ export class Server {
   }
 
   /**
-   * One packet. Its descriptors belong to this call until a request is decoded; from then
+   * One packet, bytes [start, end) of the receive buffer. Its descriptors belong to this
+   * call until a request is decoded; from then
    * on the request owns them and exactly one path releases them: right after it executes,
    * or, for an MmapAndRegisterMemory that waits for chunks, when it completes or the
    * connection goes.
    */
-  private handlePacket(conn: Connection, body: Uint8Array, len: number, flags: number, fds: number[]): void {
+  private handlePacket(conn: Connection, start: number, end: number, len: number, flags: number, fds: number[]): void {
     conn.requests++;
-    if (conn.pending !== null) return this.handleChunk(conn, body, len, flags, fds);
+    const bodies = this.rx.bodies;
+    if (conn.pending !== null) return this.handleChunk(conn, bodies.subarray(start, end), len, flags, fds);
     let req: VmMemoryRequest;
     try {
       this.checkPacket(len, flags, fds);
-      req = decodeRequest(body, fds);
+      req = decodeRequestAt(bodies, start, end, fds);
     } catch (e) {
       for (const fd of fds) closeQuietly(fd); // no request was formed
       return this.respond(conn, errResponse(e));
@@ -358,7 +360,7 @@ export class Server {
       if (peerGone(e)) throw e;
       this.respond(conn, errResponse(e));
     } finally {
-      // The request's descriptors are exactly the packet's: decodeRequest checked that each
+      // The request's descriptors are exactly the packet's: decodeRequestAt checked that each
       // one is referenced once.
       for (const fd of fds) closeQuietly(fd);
     }

@@ -10,7 +10,8 @@ const MMSG = 64;
 
 /** Receives up to `capacity` packets per call into preallocated buffers. */
 export class BatchReceiver {
-  private readonly bodies: Uint8Array;
+  /** Every packet's body, `bodyStart(i)` to `bodyEnd(i)` (valid until the next recv). */
+  readonly bodies: Uint8Array;
   private readonly control: Uint8Array;
   private readonly controlView: DataView;
   private readonly hdrs: DataView;
@@ -78,8 +79,14 @@ export class BatchReceiver {
     return parseRights(this.controlView, i * CONTROL_SIZE, this.hdrs.getUint32(i * MMSG + 40, true));
   }
   body(i: number): Uint8Array {
-    const start = i * this.slot;
-    return this.bodies.subarray(start, start + Math.min(this.length(i), this.slot));
+    return this.bodies.subarray(this.bodyStart(i), this.bodyEnd(i));
+  }
+  bodyStart(i: number): number {
+    return i * this.slot;
+  }
+  /** Where the body's bytes end: a truncated packet reports its whole length, which did not fit. */
+  bodyEnd(i: number): number {
+    return i * this.slot + Math.min(this.length(i), this.slot);
   }
 }
 

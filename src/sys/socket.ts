@@ -127,7 +127,8 @@ export function parseRights(v: DataView, base: number, controlLen: number): numb
   const fds: number[] = [];
   let off = 0;
   while (off + CMSG_HDR <= controlLen) {
-    const len = Number(v.getBigUint64(base + off, true));
+    // cmsg_len is a size_t; within a control buffer this small only its low half can be set.
+    const len = v.getUint32(base + off + 4, true) === 0 ? v.getUint32(base + off, true) : 0;
     if (len < CMSG_HDR) break;
     if (v.getInt32(base + off + 8, true) === SOL_SOCKET && v.getInt32(base + off + 12, true) === SCM_RIGHTS) {
       for (let p = off + CMSG_HDR; p + 4 <= off + len; p += 4) fds.push(v.getInt32(base + p, true));
