@@ -1,6 +1,13 @@
 // VmemClient's waiting, against a raw SEQPACKET peer that answers late or never.
-import { describe, expect, test } from "bun:test";
+import { afterAll, describe, expect, test } from "bun:test";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { VmemClient } from "../src/client";
+
+// The peers' socket files (a killed peer leaves its own behind).
+const dir = mkdtempSync(join(tmpdir(), "vmemd-client-"));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
 /** A listener that accepts one client; `answerAfterMs` < 0: it never answers. Runs in a child. */
 function peer(path: string, answerAfterMs: number) {
@@ -32,7 +39,7 @@ async function listening(proc: ReturnType<typeof peer>): Promise<void> {
 
 describe("VmemClient.recv waits as it is told", () => {
   test("a silent server: recv(50) gives ETIMEDOUT after about 50 ms; recv(0) at once", async () => {
-    const path = `/tmp/vmemd-client-${process.pid}-a.sock`;
+    const path = join(dir, "a.sock");
     const proc = peer(path, -1);
     try {
       await listening(proc);
@@ -56,7 +63,7 @@ describe("VmemClient.recv waits as it is told", () => {
 
   test("an answer 150 ms late: recv(-1) and the default wait for it, with no false timeout", async () => {
     for (const timeout of [-1, undefined]) {
-      const path = `/tmp/vmemd-client-${process.pid}-b${timeout ?? "d"}.sock`;
+      const path = join(dir, `b${timeout ?? "d"}.sock`);
       const proc = peer(path, 150);
       try {
         await listening(proc);
