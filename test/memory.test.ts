@@ -3,7 +3,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import * as sys from "../src/sys";
 import { GiB, MemoryMapping, MiB } from "../src/kvm";
-import { execute, IntervalMap, type ExecContext, type VmMemoryRequest, type VmMemoryResponse, type Alloc } from "../src/memory";
+import { execute, IntervalMap, NumberMap, type ExecContext, type VmMemoryRequest, type VmMemoryResponse, type Alloc } from "../src/memory";
 import { closeAll, fdCount, mapsCount, memfd, memfdMappings, newContext } from "./helpers";
 import type { KvmVm } from "../src/kvm";
 
@@ -433,5 +433,57 @@ describe("IntervalMap (pure logic)", () => {
     expect([...map.entries()].map((n) => [n.start, n.end])).toEqual(model.map((r) => [r.start, r.end]));
     for (const r of model) expect(map.get(r.start)).toBe(r.start);
     expect(model.length).toBeGreaterThan(100); // the model was not trivially empty
+  });
+});
+
+describe("NumberMap (pure logic)", () => {
+  test("agrees with Map over 200k random sets, gets and deletes, through growth and long probe runs", () => {
+    const map = new NumberMap<number>(4);
+    const model = new Map<number, number>();
+    let seed = 99;
+    const rand = (n: number) => {
+      seed ^= seed << 13; // xorshift32
+      seed ^= seed >>> 17;
+      seed ^= seed << 5;
+      return (seed >>> 0) % n;
+    };
+    // Keys as the server sees them: page-aligned guest addresses above 2^32 (which differ only
+    // in their middle bits), small slot-like numbers, and the largest safe integers.
+    const key = () => {
+      const pick = rand(3);
+      if (pick === 0) return 0x40_0000_0000 + rand(3000) * 4096;
+      if (pick === 1) return rand(500);
+      return Number.MAX_SAFE_INTEGER - rand(50);
+    };
+    let peak = 0;
+    for (let i = 0; i < 200_000; i++) {
+      const k = key();
+      // Phases that fill and drain, so the table grows and then runs mostly empty.
+      const filling = Math.floor(i / 25_000) % 2 === 0;
+      const op = rand(10);
+      if (op < (filling ? 6 : 2)) {
+        map.set(k, i);
+        model.set(k, i);
+      } else if (op < 8) {
+        expect(map.delete(k)).toBe(model.delete(k));
+      }
+      expect(map.get(k)).toBe(model.get(k));
+      expect(map.has(k)).toBe(model.has(k));
+      expect(map.size).toBe(model.size);
+      peak = Math.max(peak, model.size);
+    }
+    expect(peak).toBeGreaterThan(1000); // it grew well past its first table
+    expect(map.keyList().sort((a, b) => a - b)).toEqual([...model.keys()].sort((a, b) => a - b));
+    for (const [k, v] of model) expect(map.get(k)).toBe(v);
+    // Not keys: -1 (a region id above 2^53 becomes -1) and non-integers are never found,
+    // and set refuses them.
+    expect(map.get(-1)).toBeUndefined();
+    expect(map.delete(-1)).toBe(false);
+    expect(map.has(0.5)).toBe(false);
+    expect(() => map.set(-1, 0)).toThrow(RangeError);
+    expect(() => map.set(2 ** 53, 0)).toThrow(RangeError);
+    map.clear();
+    expect(map.size).toBe(0);
+    expect(map.keyList()).toEqual([]);
   });
 });

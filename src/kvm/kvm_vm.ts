@@ -40,7 +40,12 @@ export class KvmVm implements Vm {
   readonly ramMapping: MemoryMapping;
 
   private readonly slots: SlotAllocator;
-  private readonly bySlot = new Map<MemSlot, SlotRegion>();
+  /**
+   * Indexed by slot number (dense, lowest first). An array rather than a Map: a Map that
+   * sees an insert and a delete per request churns garbage the GC has to promote
+   * (memory/number_map.ts says why).
+   */
+  private readonly bySlot: (SlotRegion | undefined)[] = [];
   private readonly regionBuf = new DataView(new ArrayBuffer(sys.MEMORY_REGION_SIZE));
   private readonly ioeventBuf = new DataView(new ArrayBuffer(sys.IOEVENTFD_SIZE));
   private closed = false;
@@ -131,7 +136,7 @@ export class KvmVm implements Vm {
       this.slots.release(slot);
       throw e;
     }
-    this.bySlot.set(slot, { guest, size, readOnly, mapping, arena });
+    this.bySlot[slot] = { guest, size, readOnly, mapping, arena };
     return slot;
   }
 
@@ -154,7 +159,7 @@ export class KvmVm implements Vm {
   }
 
   private region(slot: MemSlot, call: string): SlotRegion {
-    const r = this.bySlot.get(slot);
+    const r = this.bySlot[slot];
     if (r === undefined || r.mapping === null) throw new sys.SysError(`${call}: no memory region in slot ${slot}`, sys.Errno.ENOENT);
     return r;
   }
@@ -162,7 +167,7 @@ export class KvmVm implements Vm {
   removeMemoryRegion(slot: MemSlot): void {
     const r = this.region(slot, "remove_memory_region");
     this.setUserMemoryRegion(slot, 0, r.guest, 0, 0);
-    this.bySlot.delete(slot);
+    this.bySlot[slot] = undefined;
     this.slots.release(slot);
     r.mapping!.release();
   }
@@ -170,7 +175,7 @@ export class KvmVm implements Vm {
   prepareArena(guest: GuestAddress, size: number, cache: MemCacheType): MemSlot {
     const arena = MemoryMapping.anonymous(size, sys.PROT_READ);
     const slot = this.addMemoryRegion(guest, arena, false, cache);
-    this.bySlot.get(slot)!.arena = true;
+    this.bySlot[slot]!.arena = true;
     return slot;
   }
 
@@ -220,12 +225,13 @@ export class KvmVm implements Vm {
 
   /** The mapping that backs `slot` (tests read guest-visible bytes through it). */
   mappingOf(slot: MemSlot): MemoryMapping | undefined {
-    return this.bySlot.get(slot)?.mapping ?? undefined;
+    return this.bySlot[slot]?.mapping ?? undefined;
   }
 
   *regions(): IterableIterator<VmMemoryRegionInfo> {
-    for (const [slot, r] of this.bySlot) {
-      if (r.mapping !== null) yield { slot, guest: r.guest, size: r.size, readOnly: r.readOnly, arena: r.arena };
+    for (let slot = 0; slot < this.bySlot.length; slot++) {
+      const r = this.bySlot[slot];
+      if (r !== undefined && r.mapping !== null) yield { slot, guest: r.guest, size: r.size, readOnly: r.readOnly, arena: r.arena };
     }
   }
 
@@ -233,8 +239,8 @@ export class KvmVm implements Vm {
   close(): void {
     if (this.closed) return;
     this.closed = true;
-    for (const r of this.bySlot.values()) r.mapping?.release();
-    this.bySlot.clear();
+    for (const r of this.bySlot) r?.mapping?.release();
+    this.bySlot.length = 0;
     sys.close(this.fd);
     this.ramMapping.release();
     sys.close(this.ramFd);

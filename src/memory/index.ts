@@ -1,6 +1,7 @@
 export * from "./error";
 export * from "./request";
 export * from "./interval_map";
+export * from "./number_map";
 export * from "./allocator";
 export * from "./region_state";
 export * from "./executor";

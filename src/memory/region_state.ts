@@ -1,7 +1,8 @@
 // RegionState: what the memory plane has registered, as crosvm's VmMemoryRegionState.
-// Look-ups by id are a Map; overlap checks go through IntervalMaps (O(log n)).
+// Look-ups by id are a NumberMap; overlap checks go through IntervalMaps (O(log n)).
 import type { GuestAddress, MemSlot } from "../kvm";
 import { IntervalMap } from "./interval_map";
+import { NumberMap } from "./number_map";
 import type { Alloc, U64 } from "./request";
 
 /** A registered region's id is its first guest physical byte (crosvm's VmMemoryRegionId). */
@@ -26,7 +27,7 @@ export interface Region {
 }
 
 export class RegionState {
-  readonly regions = new Map<RegionId, Region>();
+  readonly regions = new NumberMap<Region>();
   /** Top-level guest ranges that own a slot: dynamic regions and prepared arenas. */
   readonly top = new IntervalMap<Region | PreparedArena>();
   /** Prepared arenas by allocKey(alloc). */

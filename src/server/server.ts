@@ -2,8 +2,8 @@
 // main thread. It knows sockets, ordering and descriptor ownership, not memory
 // semantics: every request goes to memory's execute().
 import * as sys from "../sys";
-import { execute, type ExecContext, VmMemoryError, failure } from "../memory";
-import { type RegionId, regionIdOf } from "../memory/region_state";
+import { execute, type ExecContext, VmMemoryError, failure, NumberMap } from "../memory";
+import { regionIdOf } from "../memory/region_state";
 import {
   requestDescriptors,
   type Datamatch,
@@ -85,8 +85,8 @@ class Connection {
   /** The peer has finished sending: answer what is owed, then close. */
   closing = false;
   requests = 0;
-  /** Regions this connection registered and that are still live. */
-  readonly regions = new Set<RegionId>();
+  /** Regions this connection registered and that are still live (a set: the values say nothing). */
+  readonly regions = new NumberMap<true>();
   /** Only with --release-on-disconnect. */
   readonly ioevents: OwnedIoevent[] = [];
   constructor(
@@ -110,7 +110,7 @@ export class Server {
   private readonly conns = new Map<number, Connection>();
   private readonly handlers = new Map<number, FdHandler>();
   /** Which connection registered each live region (for per-connection limits and release). */
-  private readonly regionOwner = new Map<RegionId, Connection>();
+  private readonly regionOwner = new NumberMap<Connection>();
   /** A spare descriptor, given up to accept-and-close a connection when the table is full. */
   private reserveFd = -1;
   private listener = -1;
@@ -477,7 +477,7 @@ export class Server {
   private account(conn: Connection, req: Exclude<VmMemoryRequest, string>, resp: VmMemoryResponse, keep: number): void {
     if (typeof resp === "object" && "RegisterMemory" in resp) {
       const id = regionIdOf(resp.RegisterMemory.region_id);
-      conn.regions.add(id);
+      conn.regions.set(id, true);
       this.regionOwner.set(id, conn);
     } else if (resp === "Ok" && "UnregisterMemory" in req) {
       const id = regionIdOf(req.UnregisterMemory);
@@ -499,7 +499,7 @@ export class Server {
 
   /** --release-on-disconnect: removes what the connection registered and still owns. */
   private releaseOwned(conn: Connection): void {
-    for (const id of conn.regions) {
+    for (const id of conn.regions.keyList()) {
       this.regionOwner.delete(id);
       const resp = execute({ UnregisterMemory: id }, this.ctx);
       if (resp !== "Ok") this.opts.log.warn("could not release a region on disconnect", { conn: conn.id, region: id, resp: JSON.stringify(resp) });
@@ -576,7 +576,7 @@ export class Server {
       conn.pending = null;
     }
     if (this.opts.releaseOnDisconnect) this.releaseOwned(conn);
-    else for (const id of conn.regions) this.regionOwner.delete(id);
+    else for (const id of conn.regions.keyList()) this.regionOwner.delete(id);
     closeQuietly(conn.fd);
     this.opts.log.info("client disconnected", { conn: conn.id, requests: conn.requests });
   }
