@@ -175,7 +175,13 @@ describe("the plain MessagePack codec agrees with @msgpack/msgpack", () => {
       const bytes = encoder.encode(v).slice();
       let body: Uint8Array = bytes;
       const how = r(4);
-      if (how === 0) body = bytes.subarray(0, r(bytes.length + 1));
+      if (how === 0) {
+        const cut = r(bytes.length + 1);
+        body = bytes.subarray(0, cut);
+        // In place, the rest of the real packet follows the range: still not read.
+        expect(hotRequest(bytes, [9], 0, cut)).toEqual(hotRequest(body, [9]) as never);
+        expect(hotRequest(bytes, [], 0, cut)).toEqual(hotRequest(body, []) as never);
+      }
       else if (how === 1) body = Uint8Array.from([...bytes, r(256)]);
       else if (how === 2) for (let k = 0, n = 1 + r(3); k < n; k++) bytes[r(bytes.length)] = r(256);
       if (agree(body)) plain++;
@@ -343,6 +349,9 @@ describe("the hot request path (src/protocol/hot.ts) agrees with the general dec
       [reg.subarray(0, reg.length - 1), [9]], // truncated
     ];
     for (const [body, fds] of cases) expect(agree(body, fds)).toBe(false);
+    // A range that claims more than the buffer holds reads only what is there.
+    const un = encoder.encode({ UnregisterMemory: 0x40_0000_0000 });
+    expect(hotRequest(un.subarray(0, un.length - 2), [], 0, un.length)).toBeNull();
     // The reordered map is still a valid request: the general decoder takes it.
     expect(general(cases[8]![0], [9]).ok).toBe(true);
   });
@@ -357,7 +366,13 @@ describe("the hot request path (src/protocol/hot.ts) agrees with the general dec
       const bytes = encoder.encode(base);
       let body: Uint8Array = bytes;
       const how = r(4);
-      if (how === 0) body = bytes.subarray(0, r(bytes.length + 1));
+      if (how === 0) {
+        const cut = r(bytes.length + 1);
+        body = bytes.subarray(0, cut);
+        // In place, the rest of the real packet follows the range: still not read.
+        expect(hotRequest(bytes, [9], 0, cut)).toEqual(hotRequest(body, [9]) as never);
+        expect(hotRequest(bytes, [], 0, cut)).toEqual(hotRequest(body, []) as never);
+      }
       else if (how === 1) body = Uint8Array.from([...bytes, r(256)]);
       else if (how === 2) for (let k = 0, n = 1 + r(2); k < n; k++) bytes[r(bytes.length)] = r(256);
       // Mostly the descriptor count the request wants, so the mangled bytes meet the matcher.

@@ -7,34 +7,51 @@
 // Map survives it: with one insert and one delete per request, megabytes were promoted per
 // collection and a full collection (3-9 ms on the serving thread) followed every few
 // seconds. This table is open addressing with linear probing and backward-shift deletion:
-// no tombstones, so it allocates only when it grows.
+// no tombstones, so it allocates only when it grows or shrinks.
 
 const EMPTY = -1;
 
+// Clients choose guest addresses, and so region ids: a fixed hash would let one pick
+// thousands of ids that share a bucket and make every lookup a scan. The hash is seeded per
+// process. (Math.random: JSC seeds it from the system's random source, and nothing reveals
+// its output to a client; crypto.getRandomValues would add 0.06 ms to start-up.)
+const SEED_LO = (Math.random() * 0x1_0000_0000) >>> 0;
+const SEED_HI = (Math.random() * 0x1_0000_0000) >>> 0;
+
+/** MurmurHash3's 32-bit finaliser: every input bit moves every output bit. */
+function mix(x: number): number {
+  x ^= x >>> 16;
+  x = Math.imul(x, 0x85ebca6b);
+  x ^= x >>> 13;
+  x = Math.imul(x, 0xc2b2ae35);
+  return (x ^ (x >>> 16)) >>> 0;
+}
+
 export class NumberMap<V> {
-  private keys: Float64Array;
-  private vals: (V | undefined)[];
-  private mask: number;
+  private keys!: Float64Array; // all four set by allocate()
+  private vals!: (V | undefined)[];
+  private mask!: number;
   /** log2 of the capacity; the index is the top `bits` bits of a 32-bit hash. */
-  private bits: number;
+  private bits!: number;
   private count = 0;
 
+  /** The table never shrinks below its first size. */
+  private readonly minBits: number;
+
   constructor(capacity = 16) {
-    this.bits = Math.max(3, Math.ceil(Math.log2(capacity)));
-    this.mask = (1 << this.bits) - 1;
-    this.keys = new Float64Array(1 << this.bits).fill(EMPTY);
-    this.vals = new Array<V | undefined>(1 << this.bits).fill(undefined);
+    this.minBits = Math.max(3, Math.ceil(Math.log2(capacity)));
+    this.allocate(this.minBits);
   }
 
   get size(): number {
     return this.count;
   }
 
-  /** Fibonacci hashing of both 32-bit halves: guest addresses differ only above bit 12. */
+  /** Both 32-bit halves, seeded and mixed; the index is the top bits. */
   private home(key: number): number {
     const lo = key >>> 0;
     const hi = (key / 0x1_0000_0000) >>> 0;
-    return Math.imul(lo ^ Math.imul(hi, 0x85ebca6b), 0x9e3779b1) >>> (32 - this.bits);
+    return mix(lo ^ SEED_LO ^ mix(hi ^ SEED_HI)) >>> (32 - this.bits);
   }
 
   /** The index holding `key`, or -1. */
@@ -66,7 +83,7 @@ export class NumberMap<V> {
         return this;
       }
     }
-    keys[i] = key;
+    keys[i] = key + 0; // -0 is stored as 0
     this.vals[i] = value;
     // At most half full, so probe runs stay short.
     if (++this.count * 2 > this.mask + 1) this.grow();
@@ -93,12 +110,14 @@ export class NumberMap<V> {
     keys[hole] = EMPTY;
     vals[hole] = undefined; // the value is unreachable from here at once
     this.count--;
+    // Back to a smaller table once an eighth full (not a half: no resizing back and forth
+    // around one size), so a burst of regions does not keep its table for good.
+    if (this.count * 8 < this.mask + 1 && this.bits > this.minBits) this.resize(this.bits - 1);
     return true;
   }
 
   clear(): void {
-    this.keys.fill(EMPTY);
-    this.vals.fill(undefined);
+    this.allocate(this.minBits);
     this.count = 0;
   }
 
@@ -116,13 +135,34 @@ export class NumberMap<V> {
     return out;
   }
 
+  /** The longest run of occupied slots: the most probes a look-up can take (for tests). */
+  longestRun(): number {
+    let longest = 0;
+    let run = 0;
+    // Twice round, so a run that wraps past the end counts whole.
+    for (let i = 0; i < 2 * (this.mask + 1); i++) {
+      run = this.keys[i & this.mask] === EMPTY ? 0 : run + 1;
+      longest = Math.max(longest, Math.min(run, this.mask + 1));
+    }
+    return longest;
+  }
+
   private grow(): void {
+    this.resize(this.bits + 1);
+  }
+
+  /** Fresh empty arrays of 2^bits entries (the count is the caller's to keep). */
+  private allocate(bits: number): void {
+    this.bits = bits;
+    this.mask = (1 << bits) - 1;
+    this.keys = new Float64Array(1 << bits).fill(EMPTY);
+    this.vals = new Array<V | undefined>(1 << bits).fill(undefined);
+  }
+
+  private resize(bits: number): void {
     const oldKeys = this.keys;
     const oldVals = this.vals;
-    this.bits++;
-    this.mask = (1 << this.bits) - 1;
-    this.keys = new Float64Array(1 << this.bits).fill(EMPTY);
-    this.vals = new Array<V | undefined>(1 << this.bits).fill(undefined);
+    this.allocate(bits);
     for (let i = 0; i < oldKeys.length; i++) {
       const k = oldKeys[i]!;
       if (k === EMPTY) continue;

@@ -115,6 +115,7 @@ const reader = new Reader();
  * encoding; else null. (A range rather than a subarray: no view object per packet.)
  */
 export function hotRequest(buf: Uint8Array, fds: readonly number[], start = 0, end = buf.length): VmMemoryRequest | null {
+  end = Math.min(end, buf.length); // never past the buffer, whatever the caller says
   if (end - start < 2 || buf[start] !== 0x81) return null;
   const r = reader.reset(buf, start, end);
   const second = buf[start + 1];
