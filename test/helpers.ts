@@ -53,3 +53,16 @@ export function memfdMappings(pid: number | "self" = "self"): number {
 export function closeAll(fds: number[]): void {
   for (const fd of fds) sys.close(fd);
 }
+
+/** A deterministic PRNG (xorshift32), so a failure repeats: rng(seed)(n) is in [0, n). */
+export function rng(seed: number): (n: number) => number {
+  let s = seed >>> 0 || 1;
+  return (n: number) => {
+    s ^= s << 13;
+    s >>>= 0;
+    s ^= s >>> 17;
+    s ^= s << 5;
+    s >>>= 0;
+    return s % n;
+  };
+}

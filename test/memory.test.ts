@@ -4,7 +4,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import * as sys from "../src/sys";
 import { GiB, MemoryMapping, MiB } from "../src/kvm";
 import { execute, IntervalMap, NumberMap, type ExecContext, type VmMemoryRequest, type VmMemoryResponse, type Alloc } from "../src/memory";
-import { closeAll, fdCount, mapsCount, memfd, memfdMappings, newContext } from "./helpers";
+import { closeAll, fdCount, mapsCount, memfd, memfdMappings, newContext, rng } from "./helpers";
 import type { KvmVm } from "../src/kvm";
 
 const BAR: Alloc = { PciBar: { bus: 0, dev: 5, func: 0, bar: 2 } };
@@ -396,13 +396,7 @@ describe("IntervalMap (pure logic)", () => {
   test("inserts, removes and overlap queries agree with a sorted-array model over 20k random operations", () => {
     const map = new IntervalMap<number>();
     const model: { start: number; end: number }[] = []; // sorted by start, disjoint
-    let seed = 12345;
-    const rand = (n: number) => {
-      seed ^= seed << 13; // xorshift32
-      seed ^= seed >>> 17;
-      seed ^= seed << 5;
-      return (seed >>> 0) % n;
-    };
+    const rand = rng(12345);
     const modelOverlap = (s: number, e: number) => {
       let best: { start: number; end: number } | undefined;
       for (const r of model) if (r.start < e) best = r;
@@ -440,13 +434,7 @@ describe("NumberMap (pure logic)", () => {
   test("agrees with Map over 200k random sets, gets and deletes, through growth and long probe runs", () => {
     const map = new NumberMap<number>(4);
     const model = new Map<number, number>();
-    let seed = 99;
-    const rand = (n: number) => {
-      seed ^= seed << 13; // xorshift32
-      seed ^= seed >>> 17;
-      seed ^= seed << 5;
-      return (seed >>> 0) % n;
-    };
+    const rand = rng(99);
     // Keys as the server sees them: page-aligned guest addresses above 2^32 (which differ only
     // in their middle bits), small slot-like numbers, and the largest safe integers.
     const key = () => {

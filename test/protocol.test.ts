@@ -6,6 +6,7 @@ import { decodeRequestGeneral, decodeValue, encodeValue, encodeValueGeneral, par
 import { hotRequest } from "../src/protocol/hot";
 import { decodePlain, encodePlain, NOT_PLAIN } from "../src/protocol/plain_msgpack";
 import { Decoder, Encoder } from "@msgpack/msgpack";
+import { rng } from "./helpers";
 
 const uuid = new Uint8Array(16);
 const REQUESTS: unknown[] = [
@@ -33,18 +34,6 @@ const RESPONSES: unknown[] = [
 ];
 const ODD = [-1, -0, 1.5, NaN, Infinity, 2 ** 53, 2 ** 64, 0n, 5n, 2n ** 64n, -1n, "x", "", null, true, false, [], {}, [1, 2], new Uint8Array(16), 252, 253, 255, 256, 2 ** 31, 2 ** 32, "Ok", "CacheCoherent"];
 
-/** A deterministic PRNG (xorshift32), so a failure repeats. */
-function rng(seed: number) {
-  let s = seed >>> 0 || 1;
-  return (n: number) => {
-    s ^= s << 13;
-    s >>>= 0;
-    s ^= s >>> 17;
-    s ^= s << 5;
-    s >>>= 0;
-    return s % n;
-  };
-}
 
 /** A copy of `v` with one random change: a value replaced, a key dropped or added. */
 function mutate(v: unknown, r: (n: number) => number): unknown {
