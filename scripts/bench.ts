@@ -141,21 +141,25 @@ function registerCycles(client: VmemClient, fd: number, size: number, n: number,
 }
 
 /**
- * Register cycles in blocks until a block passes with the process's compiler threads
- * (nearly) idle: under 0.2 µs of their CPU per cycle, twice running, at least 60k cycles
- * in all (FTL compiles still came at 35-60k) and at most 200k. Returns the cycles run.
+ * Register cycles in blocks until the process's compiler threads have been (nearly) idle,
+ * under 0.2 µs of their CPU per cycle, for eight 5k blocks running; at least 60k cycles in
+ * all (FTL compiles still came at 35-60k) and at most 300k. Eight, not two: a function JSC
+ * has thrown away and recompiled several times (vmemd's read loop, after the round-trip
+ * load has shaped it) waits longer for each next tier, and a server that had served that
+ * load went quiet for 25k cycles, then finished compiling at about 100-135k (measured).
+ * Returns the cycles run.
  */
 function warmUntilJitQuiet(client: VmemClient, pid: number, fd: number, size: number, guestOf: (i: number) => number): number {
   const BLOCK = scale(5000);
   const jit = new ThreadCpuMeter(pid, "JITWorker");
   let cycles = 0;
   let quiet = 0;
-  while (cycles < scale(200000)) {
+  while (cycles < scale(300000)) {
     const before = jit.total;
     registerCycles(client, fd, size, BLOCK, guestOf);
     cycles += BLOCK;
     quiet = jit.read() - before < 200 * BLOCK ? quiet + 1 : 0;
-    if (quiet >= 2 && cycles >= scale(60000)) break;
+    if (quiet >= 8 && cycles >= scale(60000)) break;
   }
   return cycles;
 }
