@@ -37,7 +37,8 @@ function vcpu() {
 
 describe("a guest on the real vCPU judges each request", () => {
   test("the guest's serial output shows up in vmemd's output", async () => {
-    for (let i = 0; i < 100 && !server.stdout.includes("000000001234abcd"); i++) await Bun.sleep(10);
+    // Until the whole line is in: the serial bytes reach us as they come, not a line at a time.
+    for (let i = 0; i < 100 && !server.stdout.includes("000000001234abcd\n"); i++) await Bun.sleep(10);
     expect(server.stdout).toContain("vmemd-test-guest: ready\n");
     expect(server.stdout).toContain("000000001234abcd\n");
     expect(vcpu().state).toBe("running");
