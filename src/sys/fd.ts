@@ -1,6 +1,7 @@
 // Descriptors: open/close/read/write, memfd, eventfd, fstat, fcntl, rlimits.
 import { libc } from "./libc";
 import { check, checkFault, lastErrno, SysError } from "./error";
+import { getU64 } from "./u64";
 
 // asm-generic/fcntl.h, linux/memfd.h, sys/eventfd.h, asm-generic/resource.h
 export const O_RDONLY = 0;
@@ -104,15 +105,11 @@ export interface Stat {
 const statBuf = new BigInt64Array(18); // struct stat is 144 bytes on x86_64
 const statView = new DataView(statBuf.buffer);
 
-/** A non-negative off_t/blkcnt_t field as two 32-bit halves: no BigInt on the hot path. */
-function statU64(offset: number): number {
-  return statView.getUint32(offset, true) + statView.getUint32(offset + 4, true) * 0x1_0000_0000;
-}
 
 export function fstat(fd: number): Stat {
   checkFault("fstat");
   check("fstat", libc.fstat(fd, statBuf));
-  return { mode: statView.getUint32(24, true), size: statU64(48), blocks: statU64(64) };
+  return { mode: statView.getUint32(24, true), size: getU64(statView, 48), blocks: getU64(statView, 64) };
 }
 
 /** st_mode of `path` itself (not a symlink's target), or null when nothing is there. */

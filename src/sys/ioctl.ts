@@ -3,6 +3,7 @@
 import type { Pointer } from "bun:ffi";
 import { libc } from "./libc";
 import { checkFault, lastErrno, SysError } from "./error";
+import { setU64 } from "./u64";
 
 const EINTR = 4;
 
@@ -69,11 +70,6 @@ export function encodeMemoryRegion(
   setU64(buf, 24, userspaceAddr);
 }
 
-/** A u64 field from a number below 2^53, as two 32-bit halves: no BigInt on the hot path. */
-function setU64(buf: DataView, offset: number, value: number): void {
-  buf.setUint32(offset, value >>> 0, true);
-  buf.setUint32(offset + 4, Math.floor(value / 0x1_0000_0000), true);
-}
 
 // struct kvm_ioeventfd (64 bytes): datamatch@0, addr@8, len@16, fd@20, flags@24.
 export const KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0;

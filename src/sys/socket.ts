@@ -3,6 +3,7 @@ import { ptr, type Pointer } from "bun:ffi";
 import { libc } from "./libc";
 import { check, checkFault, lastErrno, SysError } from "./error";
 import { close } from "./fd";
+import { getU64, setU64 } from "./u64";
 
 // bits/socket.h, sys/socket.h, sys/poll.h
 export const AF_UNIX = 1;
@@ -159,13 +160,14 @@ export class PacketIo {
   private readonly recvHdr = new DataView(new ArrayBuffer(56));
   private readonly recvControl = new Uint8Array(CONTROL_SIZE);
   private readonly recvControlView = new DataView(this.recvControl.buffer);
-  private readonly sendIov = new BigUint64Array(2);
+  /** struct iovec, written per send as 32-bit halves (no BigInt per packet). */
+  private readonly sendIov = new DataView(new ArrayBuffer(16));
   private readonly sendHdr = new DataView(new ArrayBuffer(56));
   private readonly sendControl = new Uint8Array(CONTROL_SIZE);
   private readonly sendControlView = new DataView(this.sendControl.buffer);
   private readonly recvHdrPtr: Pointer;
   private readonly sendHdrPtr: Pointer;
-  private readonly sendControlPtr: Pointer;
+  private readonly sendControlAddr: number;
 
   constructor(maxBody: number) {
     // One spare byte so an oversized packet shows as MSG_TRUNC rather than fitting exactly.
@@ -179,7 +181,7 @@ export class PacketIo {
     this.sendHdr.setBigUint64(16, BigInt(ptr(this.sendIov)), true);
     this.sendHdr.setBigUint64(24, 1n, true);
     this.sendHdrPtr = ptr(this.sendHdr);
-    this.sendControlPtr = ptr(this.sendControl);
+    this.sendControlAddr = ptr(this.sendControl);
   }
 
   /**
@@ -191,7 +193,7 @@ export class PacketIo {
    * SO_RCVTIMEO ran out, or a signal came.
    */
   recv(fd: number, wait = false): number {
-    this.recvHdr.setBigUint64(40, BigInt(CONTROL_SIZE), true);
+    setU64(this.recvHdr, 40, CONTROL_SIZE);
     this.recvHdr.setInt32(48, 0, true);
     const n = libc.recvmsg(fd, this.recvHdrPtr, wait ? MSG_CMSG_CLOEXEC : MSG_CMSG_CLOEXEC | MSG_DONTWAIT) as number;
     if (n === -1) {
@@ -201,27 +203,27 @@ export class PacketIo {
       throw new SysError("recvmsg", errno);
     }
     this.flags = this.recvHdr.getInt32(48, true);
-    this.fds = parseRights(this.recvControlView, 0, Number(this.recvHdr.getBigUint64(40, true)));
+    this.fds = parseRights(this.recvControlView, 0, getU64(this.recvHdr, 40));
     return n;
   }
 
   /** Sends one packet: true when sent, false when the socket would block. */
   send(fd: number, body: Uint8Array, fds: readonly number[] = []): boolean {
     if (fds.length > SCM_MAX_FD) throw new SysError(`sendmsg: ${fds.length} descriptors, more than SCM_MAX_FD (${SCM_MAX_FD})`, 22);
-    this.sendIov[0] = body.byteLength === 0 ? 0n : BigInt(ptr(body));
-    this.sendIov[1] = BigInt(body.byteLength);
+    setU64(this.sendIov, 0, body.byteLength === 0 ? 0 : ptr(body));
+    setU64(this.sendIov, 8, body.byteLength);
     if (fds.length > 0) {
       const len = CMSG_HDR + fds.length * 4;
       const v = this.sendControlView;
-      v.setBigUint64(0, BigInt(len), true);
+      setU64(v, 0, len);
       v.setInt32(8, SOL_SOCKET, true);
       v.setInt32(12, SCM_RIGHTS, true);
       for (let i = 0; i < fds.length; i++) v.setInt32(CMSG_HDR + i * 4, fds[i]!, true);
-      this.sendHdr.setBigUint64(32, BigInt(this.sendControlPtr), true);
-      this.sendHdr.setBigUint64(40, BigInt((len + 7) & ~7), true);
+      setU64(this.sendHdr, 32, this.sendControlAddr);
+      setU64(this.sendHdr, 40, (len + 7) & ~7);
     } else {
-      this.sendHdr.setBigUint64(32, 0n, true);
-      this.sendHdr.setBigUint64(40, 0n, true);
+      setU64(this.sendHdr, 32, 0);
+      setU64(this.sendHdr, 40, 0);
     }
     const n = libc.sendmsg(fd, this.sendHdrPtr, MSG_DONTWAIT | MSG_NOSIGNAL) as number;
     if (n === -1) {
