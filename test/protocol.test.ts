@@ -34,6 +34,20 @@ const RESPONSES: unknown[] = [
 ];
 const ODD = [-1, -0, 1.5, NaN, Infinity, 2 ** 53, 2 ** 64, 0n, 5n, 2n ** 64n, -1n, "x", "", null, true, false, [], {}, [1, 2], new Uint8Array(16), 252, 253, 255, 256, 2 ** 31, 2 ** 32, "Ok", "CacheCoherent"];
 
+/**
+ * One of four at random: `bytes` cut short (`cut` says where), one random byte longer, with
+ * 1..maxFlips bytes overwritten in place, or left alone. `cut` is -1 unless cut short.
+ */
+function mangle(bytes: Uint8Array, r: (n: number) => number, maxFlips: number): { body: Uint8Array; cut: number } {
+  const how = r(4);
+  if (how === 0) {
+    const cut = r(bytes.length + 1);
+    return { body: bytes.subarray(0, cut), cut };
+  }
+  if (how === 1) return { body: Uint8Array.from([...bytes, r(256)]), cut: -1 };
+  if (how === 2) for (let k = 0, n = 1 + r(maxFlips); k < n; k++) bytes[r(bytes.length)] = r(256);
+  return { body: bytes, cut: -1 };
+}
 
 /** A copy of `v` with one random change: a value replaced, a key dropped or added. */
 function mutate(v: unknown, r: (n: number) => number): unknown {
@@ -162,17 +176,7 @@ describe("the plain MessagePack codec agrees with @msgpack/msgpack", () => {
       let v: unknown = structuredClone(base);
       if (r(2) === 0) v = mutate(v, r);
       const bytes = encoder.encode(v).slice();
-      let body: Uint8Array = bytes;
-      const how = r(4);
-      if (how === 0) {
-        const cut = r(bytes.length + 1);
-        body = bytes.subarray(0, cut);
-        // In place, the rest of the real packet follows the range: still not read.
-        expect(hotRequest(bytes, [9], 0, cut)).toEqual(hotRequest(body, [9]) as never);
-        expect(hotRequest(bytes, [], 0, cut)).toEqual(hotRequest(body, []) as never);
-      }
-      else if (how === 1) body = Uint8Array.from([...bytes, r(256)]);
-      else if (how === 2) for (let k = 0, n = 1 + r(3); k < n; k++) bytes[r(bytes.length)] = r(256);
+      const { body } = mangle(bytes, r, 3);
       if (agree(body)) plain++;
       else if (!referenceDecode(body).ok) refused++;
     }
@@ -353,17 +357,12 @@ describe("the hot request path (src/protocol/hot.ts) agrees with the general dec
     for (let i = 0; i < 200_000; i++) {
       const base = bases[r(bases.length)]!;
       const bytes = encoder.encode(base);
-      let body: Uint8Array = bytes;
-      const how = r(4);
-      if (how === 0) {
-        const cut = r(bytes.length + 1);
-        body = bytes.subarray(0, cut);
+      const { body, cut } = mangle(bytes, r, 2);
+      if (cut !== -1) {
         // In place, the rest of the real packet follows the range: still not read.
         expect(hotRequest(bytes, [9], 0, cut)).toEqual(hotRequest(body, [9]) as never);
         expect(hotRequest(bytes, [], 0, cut)).toEqual(hotRequest(body, []) as never);
       }
-      else if (how === 1) body = Uint8Array.from([...bytes, r(256)]);
-      else if (how === 2) for (let k = 0, n = 1 + r(2); k < n; k++) bytes[r(bytes.length)] = r(256);
       // Mostly the descriptor count the request wants, so the mangled bytes meet the matcher.
       const fds = r(4) === 0 ? fdChoices[r(3)]! : "RegisterMemory" in base ? [9] : [];
       if (agree(body, fds)) hot++;
