@@ -95,4 +95,16 @@ fail:
     exit(1);
 }
 
+/* epoll_wait without a timeout, again after EINTR; any other failure ends the program. */
+UNUSED static int wait_events(const char *prog, int ep, struct epoll_event *events, int max) {
+    for (;;) {
+        int n = epoll_wait(ep, events, max, -1);
+        if (n >= 0) return n;
+        if (errno != EINTR) {
+            fprintf(stderr, "%s: epoll_wait: %s\n", prog, strerror(errno));
+            exit(1);
+        }
+    }
+}
+
 #endif

@@ -145,11 +145,7 @@ int main(int argc, char **argv) {
 
     struct epoll_event events[MAX_EVENTS];
     for (;;) {
-        int n = epoll_wait(ep, events, MAX_EVENTS, -1);
-        if (n < 0) {
-            if (errno == EINTR) continue;
-            die("epoll_wait");
-        }
+        int n = wait_events("echo_server", ep, events, MAX_EVENTS);
         for (int i = 0; i < n; i++) {
             void *tag = events[i].data.ptr;
             if (tag == &SIGNAL_TAG) {

@@ -151,11 +151,7 @@ int main(int argc, char **argv) {
 
     for (;;) {
         struct epoll_event events[16];
-        int n = epoll_wait(ep, events, 16, -1);
-        if (n < 0) {
-            if (errno == EINTR) continue;
-            die("epoll_wait");
-        }
+        int n = wait_events("kvm_register_server", ep, events, 16);
         for (int i = 0; i < n; i++) {
             void *tag = events[i].data.ptr;
             if (tag == &SIGNAL_TAG) {
