@@ -335,10 +335,9 @@ export class Server {
 
   /**
    * One packet, bytes [start, end) of the receive buffer. Its descriptors belong to this
-   * call until a request is decoded; from then
-   * on the request owns them and exactly one path releases them: right after it executes,
-   * or, for an MmapAndRegisterMemory that waits for chunks, when it completes or the
-   * connection goes.
+   * call until a request is decoded; from then on the request owns them and exactly one
+   * path releases them: right after it executes, or, for an MmapAndRegisterMemory that
+   * waits for chunks, when it completes or the connection goes.
    */
   private handlePacket(conn: Connection, start: number, end: number, len: number, flags: number, fds: number[]): void {
     conn.requests++;

@@ -78,9 +78,6 @@ export class BatchReceiver {
     // msg_controllen is a size_t; it never exceeds CONTROL_SIZE, so its low half is all of it.
     return parseRights(this.controlView, i * CONTROL_SIZE, this.hdrs.getUint32(i * MMSG + 40, true));
   }
-  body(i: number): Uint8Array {
-    return this.bodies.subarray(this.bodyStart(i), this.bodyEnd(i));
-  }
   bodyStart(i: number): number {
     return i * this.slot;
   }
