@@ -128,13 +128,6 @@ export class NumberMap<V> {
     return out;
   }
 
-  /** A snapshot of the values (in no particular order). */
-  valueList(): V[] {
-    const out: V[] = [];
-    for (let i = 0; i <= this.mask; i++) if (this.keys[i] !== EMPTY) out.push(this.vals[i]!);
-    return out;
-  }
-
   /** The longest run of occupied slots: the most probes a look-up can take (for tests). */
   longestRun(): number {
     let longest = 0;

@@ -196,13 +196,12 @@ export function resolveDescriptors(holders: { holder: Record<string, unknown>; k
   for (const { holder, key } of holders) holder[key] = fds[holder[key] as number];
 }
 
-/** Decodes one request packet; descriptor fields come back as the packet's descriptors. */
-export function decodeRequest(body: Uint8Array, fds: readonly number[]): VmMemoryRequest {
-  return hotRequest(body, fds) ?? decodeRequestGeneral(body, fds);
-}
-
-/** decodeRequest of bytes [start, end) of `buf`: a view is made only off the hot path. */
-export function decodeRequestAt(buf: Uint8Array, start: number, end: number, fds: readonly number[]): VmMemoryRequest {
+/**
+ * Decodes one request packet, bytes [start, end) of `buf` (the server reads in place: a
+ * view is made only off the hot path); descriptor fields come back as the packet's
+ * descriptors.
+ */
+export function decodeRequest(buf: Uint8Array, fds: readonly number[], start = 0, end = buf.length): VmMemoryRequest {
   return hotRequest(buf, fds, start, end) ?? decodeRequestGeneral(buf.subarray(start, end), fds);
 }
 

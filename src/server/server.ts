@@ -12,7 +12,7 @@ import {
   type VmMemoryRequest,
   type VmMemoryResponse,
 } from "../memory/request";
-import { decodeFileMappings, decodeRequestAt, encodeResponse, MAX_PACKET } from "../protocol";
+import { decodeFileMappings, decodeRequest, encodeResponse, MAX_PACKET } from "../protocol";
 import type { Logger } from "./log";
 
 export interface ServerOptions {
@@ -346,7 +346,7 @@ export class Server {
     let req: VmMemoryRequest;
     try {
       this.checkPacket(len, flags, fds);
-      req = decodeRequestAt(bodies, start, end, fds);
+      req = decodeRequest(bodies, fds, start, end);
     } catch (e) {
       for (const fd of fds) closeQuietly(fd); // no request was formed
       return this.respond(conn, errResponse(e));
@@ -359,7 +359,7 @@ export class Server {
       if (peerGone(e)) throw e;
       this.respond(conn, errResponse(e));
     } finally {
-      // The request's descriptors are exactly the packet's: decodeRequestAt checked that each
+      // The request's descriptors are exactly the packet's: decodeRequest checked that each
       // one is referenced once.
       for (const fd of fds) closeQuietly(fd);
     }
