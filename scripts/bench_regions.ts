@@ -3,7 +3,8 @@
 // cost at 1 live region, measured in the same run (issue 2: per-request work stays flat).
 import * as sys from "../src/sys";
 import { KvmVm, MiB } from "../src/kvm";
-import { execute, RegionState, SystemAllocator, type VmMemoryRequest } from "../src/memory";
+import { execute, RegionState, SystemAllocator } from "../src/memory";
+import type { VmMemoryRequest } from "../src/protocol";
 
 const BASE = 0x40_0000_0000; // 256 GiB: far from RAM and the MMIO pools
 const LEVELS = [1, 1_000, 10_000, 30_000];

@@ -3,8 +3,9 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import * as sys from "../src/sys";
 import { KvmVm, MiB } from "../src/kvm";
-import { execute, type Alloc, type ExecContext, type VmMemoryRequest, type VmMemoryResponse } from "../src/memory";
-import { closeAll, fdCount, memfd, memfdMappings, newContext, requireKvm } from "./helpers";
+import {execute, type ExecContext } from "../src/memory";
+import type { Alloc, VmMemoryRequest, VmMemoryResponse } from "../src/protocol";
+import { allocated, executeAll as execute, closeAll, fdCount, memfd, memfdMappings, newContext, requireKvm } from "./helpers";
 
 const HIGH = 0x2_0000_0000;
 const BAR: Alloc = { PciBar: { bus: 0, dev: 4, func: 0, bar: 0 } };
@@ -18,7 +19,7 @@ beforeAll(() => {
   fd = memfd(8192);
   files = [memfd(4096), memfd(4096)];
   ev = sys.eventfd();
-  ctx.allocator.allocate(BAR, 1 * MiB);
+  allocated(ctx.allocator.allocate(BAR, 1 * MiB));
   ok(execute({ PrepareSharedMemoryRegion: { alloc: BAR, cache: "CacheCoherent" } }, ctx));
   // Something registered of each kind, so removal paths can be faulted too.
   ok(execute(reg(HIGH), ctx));
@@ -95,7 +96,7 @@ describe("a failing system call leaves the state exactly as before", () => {
 
   test("PrepareSharedMemoryRegion: mmap ENOMEM and KVM EFAULT leave no arena, slot or mapping", () => {
     const bar: Alloc = { PciBar: { bus: 0, dev: 7, func: 0, bar: 0 } };
-    ctx.allocator.allocate(bar, 64 * 1024);
+    allocated(ctx.allocator.allocate(bar, 64 * 1024));
     for (const [call, errno] of [["mmap", "ENOMEM"], ["KVM_SET_USER_MEMORY_REGION", "EFAULT"]] as const) {
       const before = snapshot();
       const maps = require("node:fs").readFileSync("/proc/self/maps", "utf8").split("\n").filter((l: string) => l.includes("r--p 00000000 00:00 0")).length;

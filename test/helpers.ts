@@ -66,3 +66,22 @@ export function rng(seed: number): (n: number) => number {
     return s % n;
   };
 }
+
+/** An allocation the test expects to succeed. */
+export function allocated<T>(a: T | import("../src/memory").Refusal): T {
+  if (a instanceof (require("../src/memory") as typeof import("../src/memory")).Refusal) throw new Error(`allocation refused: ${a.chain.join(": ")}`);
+  return a as T;
+}
+
+/**
+ * execute(), with MmapAndRegisterMemory taking its mappings from a `file_mappings` field
+ * (the server gathers them from the follow-up packets; in-process tests have them at hand).
+ */
+export function executeAll(req: unknown, ctx: ExecContext): import("../src/protocol").VmMemoryResponse {
+  const m = require("../src/memory") as typeof import("../src/memory");
+  if (typeof req === "object" && req !== null && "MmapAndRegisterMemory" in req) {
+    const r = (req as { MmapAndRegisterMemory: { shm: never; dest: never; file_mappings?: never[] } }).MmapAndRegisterMemory;
+    return m.mmapAndRegister(ctx, r.shm, r.dest, r.file_mappings ?? []);
+  }
+  return m.execute(req as never, ctx);
+}

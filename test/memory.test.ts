@@ -3,8 +3,9 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import * as sys from "../src/sys";
 import { GiB, MemoryMapping, MiB } from "../src/kvm";
-import { execute, IntervalMap, NumberMap, type ExecContext, type VmMemoryRequest, type VmMemoryResponse, type Alloc } from "../src/memory";
-import { closeAll, fdCount, mapsCount, memfd, memfdMappings, newContext, rng } from "./helpers";
+import {execute, IntervalMap, NumberMap, type ExecContext } from "../src/memory";
+import type { Alloc, VmMemoryRequest, VmMemoryResponse } from "../src/protocol";
+import { allocated, executeAll as execute, closeAll, fdCount, mapsCount, memfd, memfdMappings, newContext, rng } from "./helpers";
 import type { KvmVm } from "../src/kvm";
 
 const BAR: Alloc = { PciBar: { bus: 0, dev: 5, func: 0, bar: 2 } };
@@ -120,15 +121,21 @@ describe("RegisterMemory / UnregisterMemory", () => {
     const [p1, p2] = sys.pipe();
     const ev = sys.eventfd();
     const dir = sys.open("/tmp", sys.O_RDONLY | sys.O_DIRECTORY);
+    // Not mappable: the kernel's answer to mmap, named in the chain.
     for (const bad of [s1, p1, ev, dir]) {
-      const chain = err(execute(shm(bad, 4096, HIGH), ctx), "EINVAL");
-      expect(chain[0]).toMatch(/socket|pipe|anonymous inode|directory/);
+      const resp = execute(shm(bad, 4096, HIGH), ctx);
+      expect(resp).toHaveProperty("Err");
+      const e = (resp as { Err: { errno: number; chain: string[] } }).Err;
+      expect(["ENODEV", "EACCES"]).toContain(sys.errnoName(e.errno));
+      expect(e.chain.join(": ")).toContain("mmap");
     }
     closeAll([s1, s2, p1, p2, ev, dir]);
     const fd = memfd(4096);
     err(execute(shm(fd, 0, HIGH), ctx), "EINVAL");
     err(execute(shm(fd, 8192, HIGH), ctx), "EINVAL"); // past the end of the memfd
-    err(execute(shm(fd, 4095, HIGH), ctx), "EINVAL");
+    // An unaligned size is rounded up to the page (crosvm), inside the object: accepted.
+    const r = registered(execute(shm(fd, 4095, HIGH), ctx));
+    ok(execute({ UnregisterMemory: r.region_id }, ctx));
     const desc = (offset: number | bigint, size: number | bigint): VmMemoryRequest => ({
       RegisterMemory: {
         source: { Descriptor: { descriptor: fd, offset, size } },
@@ -145,7 +152,7 @@ describe("RegisterMemory / UnregisterMemory", () => {
     expect(ctx.vm.slotsUsed()).toBe(1);
   });
 
-  test("ExternalMapping is EPERM, Vulkan is ENOTSUP, write-only prot is EINVAL", () => {
+  test("ExternalMapping is EPERM, Vulkan is ENOTSUP, write-only prot maps read-write, no access at all is EINVAL", () => {
     const fd = keep(memfd(4096));
     const base = { dest: { GuestPhysicalAddress: HIGH }, prot: { read: true, write: true }, cache: "CacheCoherent" as const };
     err(execute({ RegisterMemory: { ...base, source: { ExternalMapping: { ptr: 0x1000, size: 4096 } } } }, ctx), "EPERM");
@@ -162,7 +169,10 @@ describe("RegisterMemory / UnregisterMemory", () => {
       ),
       "ENOTSUP",
     );
-    err(execute({ RegisterMemory: { ...base, prot: { read: false, write: true }, source: { SharedMemory: { descriptor: fd, size: 4096 } } } }, ctx), "EINVAL");
+    const w = registered(execute({ RegisterMemory: { ...base, prot: { read: false, write: true }, source: { SharedMemory: { descriptor: fd, size: 4096 } } } }, ctx));
+    expect([...ctx.vm.regions()].find((x) => x.slot === w.slot)!.readOnly).toBe(false);
+    ok(execute({ UnregisterMemory: w.region_id }, ctx));
+    err(execute({ RegisterMemory: { ...base, prot: { read: false, write: false }, source: { SharedMemory: { descriptor: fd, size: 4096 } } } }, ctx), "EINVAL");
   });
 
   test("slot exhaustion is ENOSPC from vmemd, not left to the kernel, and nothing leaks", () => {
@@ -182,7 +192,7 @@ describe("RegisterMemory / UnregisterMemory", () => {
 
 describe("PrepareSharedMemoryRegion and fixed mappings", () => {
   test("a BAR is prepared once; RegisterMemory into it is a MAP_FIXED mapping holding the source's bytes", () => {
-    const bar = ctx.allocator.allocate(BAR, 16 * MiB);
+    const bar = allocated(ctx.allocator.allocate(BAR, 16 * MiB));
     expect(bar.start % (16 * MiB)).toBe(0);
     ok(execute({ PrepareSharedMemoryRegion: { alloc: BAR, cache: "CacheCoherent" } }, ctx));
     err(execute({ PrepareSharedMemoryRegion: { alloc: BAR, cache: "CacheCoherent" } }, ctx), "EEXIST");
@@ -292,7 +302,7 @@ describe("MmapAndRegisterMemory", () => {
     });
     err(execute(req([{ file: f1, length: 4096, mem_offset: 2 * 4096, file_offset: 0 }]), ctx), "EINVAL"); // past shm
     err(execute(req([{ file: f1, length: 8192, mem_offset: 0, file_offset: 0 }]), ctx), "EINVAL"); // past file
-    err(execute(req([{ file: p1, length: 4096, mem_offset: 0, file_offset: 0 }]), ctx), "EINVAL"); // a pipe
+    expect(execute(req([{ file: p1, length: 4096, mem_offset: 0, file_offset: 0 }]), ctx)).toHaveProperty("Err"); // a pipe: mmap refuses
     sys.injectFault("mmap", sys.Errno.ENOMEM, 1);
     sys.injectFault("KVM_SET_USER_MEMORY_REGION", sys.Errno.EFAULT, 1);
     err(execute(req([{ file: f1, length: 4096, mem_offset: 0, file_offset: 0 }]), ctx), "ENOMEM");
@@ -320,7 +330,7 @@ describe("balloon requests", () => {
   test("ranges are all checked before any is applied", () => {
     const ram = ctx.vm.ramMapping.view(0, 4 * MiB);
     ram.fill(0xcd, 0, 4 * MiB);
-    const freed = ctx.state.freedBytes;
+    const freed = ctx.state.freed.total;
     for (const bad of [
       [[0, 4096], [4096 + 1, 4096]],
       [[0, 4096], [64 * MiB, 4096]],
@@ -331,7 +341,7 @@ describe("balloon requests", () => {
       err(execute({ DynamicallyReclaimMemoryRanges: { ranges: bad } }, ctx), "EINVAL");
     }
     expect(ram[0]).toBe(0xcd);
-    expect(ctx.state.freedBytes).toBe(freed);
+    expect(ctx.state.freed.total).toBe(freed);
     ok(execute({ DynamicallyReclaimMemoryRanges: { ranges: [[0, 4096]] } }, ctx));
     expect(ram[0]).toBe(0xcd);
   });
@@ -356,7 +366,7 @@ describe("IoEventRaw", () => {
     expect(dup).toEqual([expect.stringContaining("KVM_IOEVENTFD"), "failed to register ioevent at 0xe0000000"]);
     ok(execute({ IoEventRaw: { event: ev, addr, datamatch: { U32: 7 }, register: false } }, ctx));
     err(execute({ IoEventRaw: { event: ev, addr, datamatch: { U32: 7 }, register: false } }, ctx), "ENOENT");
-    err(execute({ IoEventRaw: { event: ev, addr, datamatch: { U8: 256 }, register: true } }, ctx), "EINVAL");
+    // (A datamatch value too wide for its length never gets here: the wire's u8..u64 refuse it.)
     const notEvent = keep(memfd(4096));
     err(execute({ IoEventRaw: { event: notEvent, addr, datamatch: "AnyLength", register: true } }, ctx), "EINVAL");
   });
@@ -375,7 +385,7 @@ describe("ownership", () => {
       const g = HIGH + (i % 64) * 4096;
       registered(execute(shm(fd, 4096, g), ctx));
       if (i % 10 === 0) err(execute(shm(fd, 4096, g), ctx), "ENOSPC");
-      if (i % 10 === 1) err(execute(shm(p1, 4096, g + GiB), ctx), "EINVAL");
+      if (i % 10 === 1) err(execute(shm(p1, 4096, g + GiB), ctx), "EACCES"); // a pipe: mmap refuses
       if (i % 10 === 2) err(execute(shm(fd, 8192, g + GiB), ctx), "EINVAL");
       if (i % 100 === 3) {
         sys.injectFault("KVM_SET_USER_MEMORY_REGION", sys.Errno.EFAULT);

@@ -1,6 +1,6 @@
 // Command-line parsing: flags, sizes with K/M/G, PCI BAR specs. A bad flag is a
 // UsageError: one clear line and exit status 2.
-import type { Alloc } from "../memory/request";
+import type { Alloc } from "../protocol";
 
 export class UsageError extends Error {
   override name = "UsageError";

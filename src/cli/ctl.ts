@@ -2,8 +2,8 @@
 import { openSync, closeSync, fstatSync } from "node:fs";
 import * as sys from "../sys";
 import { VmemClient, VmemError } from "../client";
-import type { Alloc, Datamatch, VmMemoryDestination, VmMemoryRequest, VmMemoryResponse, VmState } from "../memory/request";
-import { parseRequest } from "../protocol";
+import type { Alloc, Datamatch, VmMemoryDestination, VmMemoryRequest, VmMemoryResponse, VmState } from "../protocol";
+import { decodeRequest, isRefusal, JSON_ENCODING } from "../protocol";
 import { flag, parseFlags, parseNumber, parsePciBar, parseSize, UsageError, type Parsed } from "./args";
 import { drawState } from "./state_map";
 
@@ -13,7 +13,9 @@ Sends one request to a running vmemd and prints the response as JSON
 (exit status 0 on success, 1 when vmemd answers Err).
 
 requests:
-  state [--json]                     the guest physical map (GetState); --json for the raw response
+  state [--json] [--all]             the guest physical map (GetState and every page of GetRegions and
+                                     GetAllocations); runs of like regions are summarised unless --all;
+                                     --json for the whole State as JSON
   register (--shm SIZE | --file PATH [--offset N] [--size N])
            (--gpa ADDR | --bar BB:DD.F/BAR [--bar-offset N]) [--read-only]
                                      RegisterMemory; --shm makes a memfd of SIZE
@@ -36,6 +38,7 @@ Numbers take 0x hex or K/M/G suffixes.
 const SPEC = {
   socket: { value: true },
   json: { value: false },
+  all: { value: false },
   shm: { value: true },
   file: { value: true },
   offset: { value: true },
@@ -149,22 +152,14 @@ function buildRequest(cmd: string, args: string[], p: Parsed, fds: number[]): Vm
       return { ReleaseMmio: parsePciBar(args[0]!, "release") as Alloc };
     case "raw": {
       need(1, "raw JSON");
-      let value: unknown;
-      try {
-        value = JSON.parse(args[0]!);
-      } catch (e) {
-        throw new UsageError(`vmemd ctl raw: not JSON: ${(e as Error).message}`);
+      // The server's own decoder, on the JSON as given: what it refuses is refused here.
+      const text = new TextEncoder().encode(args[0]!);
+      const req = decodeRequest(text, 0, text.length, [], JSON_ENCODING);
+      if (isRefusal(req)) throw new UsageError(`vmemd ctl raw: ${req.chain.slice().reverse().join(": ")}`);
+      if (typeof req === "object" && "MmapAndRegisterMemory" in req) {
+        throw new UsageError("vmemd ctl raw: requests with descriptors need their own subcommand");
       }
-      try {
-        const req = parseRequest(value);
-        if (typeof req === "object" && ("RegisterMemory" in req || "MmapAndRegisterMemory" in req || "IoEventRaw" in req)) {
-          throw new UsageError("vmemd ctl raw: requests with descriptors need their own subcommand");
-        }
-        return req;
-      } catch (e) {
-        if (e instanceof UsageError) throw e;
-        throw new UsageError(`vmemd ctl raw: ${(e as Error).message}`);
-      }
+      return req;
     }
     default:
       throw new UsageError(`vmemd ctl: unknown request "${cmd}" (see vmemd ctl --help)`);
@@ -191,12 +186,14 @@ export function ctl(argv: string[]): number {
       const client = VmemClient.connect(socket);
       try {
         resp = client.request(req);
+        // GetState's lists are first pages: fetch the rest, so what is shown is everything.
+        if (req === "GetState" && typeof resp === "object" && "State" in resp) resp = { State: completeState(client, resp.State) };
       } finally {
         client.close();
       }
     }
     if (cmd === "state" && !p.flags.has("json") && typeof resp === "object" && "State" in resp) {
-      process.stdout.write(drawState(resp.State as VmState));
+      process.stdout.write(drawState(resp.State as VmState, p.flags.has("all")));
     } else {
       process.stdout.write(toJson(resp) + "\n");
     }
@@ -204,6 +201,23 @@ export function ctl(argv: string[]): number {
   } finally {
     for (const fd of fds) closeSync(fd);
   }
+}
+
+/** A State whose region and allocation lists are complete (every page fetched). */
+function completeState(client: VmemClient, s: VmState): VmState {
+  const regions = [...s.regions];
+  for (let from = s.regions_next; from !== null; ) {
+    const page = client.getRegions(from);
+    regions.push(...page.regions);
+    from = page.next;
+  }
+  const allocations = [...s.allocations];
+  for (let from = s.allocations_next; from !== null; ) {
+    const page = client.getAllocations(from);
+    allocations.push(...page.allocations);
+    from = page.next;
+  }
+  return { ...s, regions, regions_next: null, allocations, allocations_next: null };
 }
 
 function mmapRegister(socket: string, p: Parsed, fds: number[]): VmMemoryResponse {

@@ -4,7 +4,7 @@ import { openSync, readFileSync, statSync } from "node:fs";
 import type { KvmVm } from "../kvm";
 import { checkBootImage } from "../kvm/boot";
 import { Vcpu, type VcpuMessage } from "../kvm/vcpu";
-import type { VcpuSummary } from "../memory/request";
+import type { VcpuSummary } from "../protocol";
 import type { Logger, Server } from "../server";
 import * as sys from "../sys";
 

@@ -1,8 +1,8 @@
 // `vmemd serve`: create the VM, listen, serve until SIGTERM/SIGINT.
 import * as sys from "../sys";
 import { KvmVm } from "../kvm";
-import { RegionState, SystemAllocator, describeAlloc, type ExecContext } from "../memory";
-import { DEFAULT_SERVER_OPTIONS, Logger, Server, type LogFormat, type LogLevel } from "../server";
+import { RegionState, Refusal, SystemAllocator, describeAlloc, type ExecContext } from "../memory";
+import { DEFAULT_BUDGETS, DEFAULT_SERVER_OPTIONS, Logger, mappingBudget, Server, type LogFormat, type LogLevel } from "../server";
 import { flag, parseFlags, parseNumber, parsePciBarSize, parseSize, UsageError } from "./args";
 import type { GuestHandle } from "./guest";
 
@@ -20,7 +20,15 @@ Creates a KVM virtual machine and serves its memory plane on PATH.
   --max-connections N       concurrent clients (default ${DEFAULT_SERVER_OPTIONS.maxConnections})
   --max-file-mappings N     cap on MmapAndRegisterMemory's num_file_mappings (default ${DEFAULT_SERVER_OPTIONS.maxFileMappings})
   --max-regions-per-connection N
-                            live regions one connection may register (default ${DEFAULT_SERVER_OPTIONS.maxRegionsPerConnection})
+                            live regions one connection may register (default ${DEFAULT_BUDGETS.regionsPerConnection})
+  --max-guest-bytes-per-connection SIZE
+                            guest bytes one connection's regions may cover (default 64G)
+  --max-guest-bytes SIZE    guest bytes all regions together may cover (default 256G; KVM keeps
+                            per-page metadata for every slot, see docs/security.md)
+  --max-mappings-per-connection N
+                            host mappings one connection's regions may take (default ${DEFAULT_BUDGETS.mappingsPerConnection})
+  --max-ioevents-per-connection N
+                            ioeventfds one connection may register (default ${DEFAULT_BUDGETS.ioeventsPerConnection})
   --max-packet SIZE         largest request packet (default 64K, the protocol's maximum)
   --max-fds-per-packet N    descriptors in one packet (default 253, the kernel's SCM_MAX_FD)
   --release-on-disconnect   remove a client's regions and ioevents when it disconnects
@@ -43,6 +51,10 @@ const SPEC = {
   "max-connections": { value: true },
   "max-file-mappings": { value: true },
   "max-regions-per-connection": { value: true },
+  "max-guest-bytes-per-connection": { value: true },
+  "max-guest-bytes": { value: true },
+  "max-mappings-per-connection": { value: true },
+  "max-ioevents-per-connection": { value: true },
   "max-packet": { value: true },
   "max-fds-per-packet": { value: true },
   "release-on-disconnect": { value: false },
@@ -85,6 +97,10 @@ export async function serve(argv: string[]): Promise<number> {
     if (n < 1) throw new UsageError(`--${name}: must be at least 1`);
     return n;
   };
+  const size = (name: string, dflt: number) => {
+    const t = flag(p, name);
+    return t === undefined ? dflt : parseSize(t, `--${name}`);
+  };
   const maxPacket = flag(p, "max-packet") === undefined ? DEFAULT_SERVER_OPTIONS.maxPacket : parseSize(flag(p, "max-packet")!, "--max-packet");
   if (maxPacket < 16 || maxPacket > DEFAULT_SERVER_OPTIONS.maxPacket) throw new UsageError(`--max-packet: must be between 16 and ${DEFAULT_SERVER_OPTIONS.maxPacket}`);
   const maxFds = count("max-fds-per-packet", DEFAULT_SERVER_OPTIONS.maxFdsPerPacket);
@@ -120,6 +136,7 @@ export async function serve(argv: string[]): Promise<number> {
     const allocator = new SystemAllocator(memory, vm.physAddrLimit);
     for (const b of bars) {
       const a = allocator.allocate(b.alloc, b.size);
+      if (a instanceof Refusal) throw new UsageError(`--pci-bar: ${a.chain[0]}`);
       log.info("allocated PCI BAR", { bar: describeAlloc(b.alloc), start: "0x" + a.start.toString(16), size: a.size });
     }
     const ctx: ExecContext = { vm, allocator, state: new RegionState(), vcpu: () => guest?.summary() ?? null };
@@ -131,7 +148,15 @@ export async function serve(argv: string[]): Promise<number> {
       allowUids,
       maxPacket,
       maxFdsPerPacket: maxFds,
-      maxRegionsPerConnection: count("max-regions-per-connection", DEFAULT_SERVER_OPTIONS.maxRegionsPerConnection),
+      budgets: {
+        regionsPerConnection: count("max-regions-per-connection", DEFAULT_BUDGETS.regionsPerConnection),
+        guestBytesPerConnection: size("max-guest-bytes-per-connection", DEFAULT_BUDGETS.guestBytesPerConnection),
+        guestBytes: size("max-guest-bytes", DEFAULT_BUDGETS.guestBytes),
+        mappingsPerConnection: count("max-mappings-per-connection", DEFAULT_BUDGETS.mappingsPerConnection),
+        mappings: mappingBudget(),
+        ioeventsPerConnection: count("max-ioevents-per-connection", DEFAULT_BUDGETS.ioeventsPerConnection),
+        ioevents: DEFAULT_BUDGETS.ioevents,
+      },
       releaseOnDisconnect: p.flags.has("release-on-disconnect"),
       log,
     });

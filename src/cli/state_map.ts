@@ -1,7 +1,7 @@
 // GetState drawn as a guest physical map a person reads at a glance.
 import { highMmioStart, LOW_MMIO_END, PCI_HOLE_START } from "../kvm/layout";
 import { describeAlloc } from "../memory/allocator";
-import type { VmState } from "../memory/request";
+import type { VmState } from "../protocol";
 import { formatSize } from "./args";
 
 interface Row {
@@ -10,6 +10,9 @@ interface Row {
   label: string;
   detail: string;
   container: boolean;
+  /** For regions: what a run of them shares, and the slot to show its range. */
+  size?: string;
+  slot?: number;
 }
 
 function addr(n: number): string {
@@ -17,7 +20,14 @@ function addr(n: number): string {
   return `0x${h.slice(0, 4)}_${h.slice(4, 8)}_${h.slice(8)}`;
 }
 
-export function drawState(s: VmState): string {
+/** Leaf rows in a run at least this long, alike and evenly spaced, are drawn as one line. */
+const RUN = 3;
+
+/**
+ * The map as text. Tens of thousands of regions stay readable: a run of regions of the same
+ * kind and size at a constant stride is one line, unless `all` asks for every one.
+ */
+export function drawState(s: VmState, all = false): string {
   const num = (v: number | bigint) => Number(v);
   const ramSize = s.ram.reduce((a, [, size]) => a + num(size), 0);
   const rows: Row[] = [];
@@ -38,6 +48,8 @@ export function drawState(s: VmState): string {
       end: num(r.region_id) + num(r.size),
       label,
       detail: `${formatSize(r.size)}  slot ${r.slot}`,
+      size: formatSize(r.size),
+      slot: r.slot,
       container: r.kind === "prepared",
     });
   }
@@ -53,13 +65,38 @@ export function drawState(s: VmState): string {
     vcpu,
     "",
   );
-  for (const row of rows) {
+  for (let i = 0; i < rows.length; i++) {
+    const row = rows[i]!;
     while (stack.length > 0 && !(row.start >= stack.at(-1)!.start && row.end <= stack.at(-1)!.end)) stack.pop();
     const indent = "│ ".repeat(stack.length);
     const name = `${indent}${row.container ? "┌ " : "■ "}${row.label}`;
+    const run = all ? 1 : runLength(rows, i, stack.at(-1));
+    if (run >= RUN) {
+      const last = rows[i + run - 1]!;
+      const stride = rows[i + 1]!.start - row.start;
+      const slots = `slots ${row.slot}-${last.slot}`;
+      lines.push(`  ${addr(row.start)}  ${`${name} ×${run}`.padEnd(44)} ${row.size} each, every ${formatSize(stride)}, to ${addr(last.end)}  ${slots}`);
+      i += run - 1;
+      continue;
+    }
     lines.push(`  ${addr(row.start)}  ${name.padEnd(44)} ${row.detail}`);
     if (row.container) stack.push(row);
   }
   lines.push("");
   return lines.join("\n");
+}
+
+/** How many leaf rows from `i` on are alike (label, size), evenly spaced and inside `parent`. */
+function runLength(rows: Row[], i: number, parent: Row | undefined): number {
+  const first = rows[i]!;
+  if (first.container || first.size === undefined || i + 1 >= rows.length) return 1;
+  const stride = rows[i + 1]!.start - first.start;
+  let n = 1;
+  while (i + n < rows.length) {
+    const r = rows[i + n]!;
+    const inside = parent === undefined || (r.start >= parent.start && r.end <= parent.end);
+    if (r.container || r.label !== first.label || r.size !== first.size || !inside || r.start - rows[i + n - 1]!.start !== stride) break;
+    n++;
+  }
+  return n;
 }

@@ -3,8 +3,18 @@
 // writes their indices on the wire. Used by `vmemd ctl`, the tests and the benches.
 import * as sys from "../sys";
 import {
-  descriptorSlots,
+  decodeResponse,
+  encodeFileMappings,
+  encodeRequest as encodeRequestOnly,
+  isRefusal,
+  MAX_FDS_PER_PACKET,
+  MAX_PACKET,
+  MSGPACK,
   type Alloc,
+  type AllocationSummary,
+  type Encoding,
+  type Packet,
+  type RegionSummary,
   type Datamatch,
   type U64,
   type VmMemoryDestination,
@@ -13,8 +23,9 @@ import {
   type VmMemoryResponse,
   type VmMemorySource,
   type VmState,
-} from "../memory/request";
-import { decodeResponse, encodeValue, MAX_PACKET } from "../protocol";
+} from "../protocol";
+
+export { JSON_ENCODING, MSGPACK, type Encoding, type Packet } from "../protocol";
 
 /** An Err response, as an exception: errno, its name, and the chain (root cause first). */
 export class VmemError extends Error {
@@ -31,24 +42,9 @@ export class VmemError extends Error {
   }
 }
 
-/** A request ready for the wire: its body and the descriptors to attach, in index order. */
-export interface Packet {
-  body: Uint8Array;
-  fds: number[];
-}
-
-/** Encodes a request whose descriptor fields hold real descriptors. The request is not modified. */
-export function encodeRequest(req: VmMemoryRequest | VmMemoryFileMapping[]): Packet {
-  const copy = structuredClone(req);
-  const slots = Array.isArray(copy)
-    ? copy.map((m) => ({ holder: m as unknown as Record<string, unknown>, key: "file" }))
-    : descriptorSlots(copy);
-  const fds: number[] = [];
-  for (const s of slots) {
-    fds.push(s.holder[s.key] as number);
-    s.holder[s.key] = fds.length - 1;
-  }
-  return { body: encodeValue(copy).slice(), fds };
+/** Encodes a request (or a file-mapping chunk) whose descriptor fields hold real descriptors. */
+export function encodeRequest(req: VmMemoryRequest | VmMemoryFileMapping[], enc: Encoding = MSGPACK): Packet {
+  return Array.isArray(req) ? encodeFileMappings(req, enc) : encodeRequestOnly(req, enc);
 }
 
 export function unwrap(resp: VmMemoryResponse): VmMemoryResponse {
@@ -65,14 +61,18 @@ export class VmemClient {
   /** The SO_RCVTIMEO in force, in ms (0: none, the kernel's default: wait for ever). */
   private recvTimeoutMs = 0;
 
-  private constructor(readonly fd: number) {}
+  private constructor(
+    readonly fd: number,
+    /** The encoding this client writes (the server answers in kind). */
+    readonly encoding: Encoding,
+  ) {}
 
   /**
    * Connects without blocking (a full listen backlog is an error, not a wait), then makes
    * the socket blocking so that `recv` sleeps in recvmsg itself. Sends and `tryRecv` pass
    * MSG_DONTWAIT and never block.
    */
-  static connect(path: string): VmemClient {
+  static connect(path: string, encoding: Encoding = MSGPACK): VmemClient {
     const fd = sys.connectSeqpacket(path, true);
     try {
       sys.setNonblocking(fd, false);
@@ -80,7 +80,7 @@ export class VmemClient {
       sys.close(fd);
       throw e;
     }
-    return new VmemClient(fd);
+    return new VmemClient(fd, encoding);
   }
 
   /** Sends one packet, waiting while the socket is full. */
@@ -97,7 +97,12 @@ export class VmemClient {
   }
 
   send(req: VmMemoryRequest): void {
-    this.sendPacket(encodeRequest(req));
+    this.sendPacket(encodeRequest(req, this.encoding));
+  }
+
+  /** A request as a packet in this client's encoding (for pipeline()). */
+  packet(req: VmMemoryRequest | VmMemoryFileMapping[]): Packet {
+    return encodeRequest(req, this.encoding);
   }
 
   /**
@@ -136,10 +141,20 @@ export class VmemClient {
   private receive(wait: boolean): VmMemoryResponse | undefined {
     const n = this.io.recv(this.fd, wait);
     if (n === -1) return undefined;
-    for (const fd of this.io.fds) sys.close(fd); // the server never sends descriptors
-    if (n === 0) throw new sys.SysError("recvmsg: the server closed the connection", sys.Errno.ECONNRESET);
+    const fds = this.io.fds.slice();
+    if (n === 0) {
+      for (const fd of fds) sys.close(fd);
+      throw new sys.SysError("recvmsg: the server closed the connection", sys.Errno.ECONNRESET);
+    }
     this.inFlight--;
-    return decodeResponse(this.io.body.subarray(0, n));
+    const resp = decodeResponse(this.io.body.subarray(0, n), fds);
+    if (isRefusal(resp)) {
+      for (const fd of fds) sys.close(fd);
+      throw new VmemError(resp.errno, resp.chain);
+    }
+    // No response carries descriptors yet: none may be left open here.
+    for (const fd of fds) sys.close(fd);
+    return resp;
   }
 
   private wait(events: number, timeoutMs: number): void {
@@ -202,10 +217,10 @@ export class VmemClient {
     dest: VmMemoryDestination,
     files: VmMemoryFileMapping[],
   ): { region_id: U64; slot: number } {
-    this.sendPacket(encodeRequest({ MmapAndRegisterMemory: { shm, dest, num_file_mappings: files.length } }));
+    this.sendPacket(this.packet({ MmapAndRegisterMemory: { shm, dest, num_file_mappings: files.length } }));
     this.inFlight--; // one response for the request and all its chunks
-    for (let i = 0; i < files.length; i += sys.SCM_MAX_FD) {
-      this.sendPacket(encodeRequest(files.slice(i, i + sys.SCM_MAX_FD)));
+    for (let i = 0; i < files.length; i += MAX_FDS_PER_PACKET) {
+      this.sendPacket(this.packet(files.slice(i, i + MAX_FDS_PER_PACKET)));
       this.inFlight--;
     }
     this.inFlight++;
@@ -231,6 +246,33 @@ export class VmemClient {
 
   getState(): VmState {
     return (unwrap(this.request("GetState")) as { State: VmState }).State;
+  }
+
+  /** One page of regions from `from` on (GetRegions). */
+  getRegions(from: U64 = 0, max: number | null = null): { regions: RegionSummary[]; next: U64 | null } {
+    return (unwrap(this.request({ GetRegions: { from, max } })) as { Regions: { regions: RegionSummary[]; next: U64 | null } }).Regions;
+  }
+
+  /** Every region, page by page. */
+  *allRegions(): IterableIterator<RegionSummary> {
+    for (let from: U64 | null = 0; from !== null; ) {
+      const page = this.getRegions(from);
+      yield* page.regions;
+      from = page.next;
+    }
+  }
+
+  getAllocations(from: U64 = 0, max: number | null = null): { allocations: AllocationSummary[]; next: U64 | null } {
+    const r = unwrap(this.request({ GetAllocations: { from, max } })) as { Allocations: { allocations: AllocationSummary[]; next: U64 | null } };
+    return r.Allocations;
+  }
+
+  *allAllocations(): IterableIterator<AllocationSummary> {
+    for (let from: U64 | null = 0; from !== null; ) {
+      const page = this.getAllocations(from);
+      yield* page.allocations;
+      from = page.next;
+    }
   }
 
   allocateMmio(alloc: Alloc, size: U64, align: U64 | null = null): { start: U64; size: U64 } {

@@ -11,9 +11,12 @@ export class MemoryMapping {
     readonly size: number,
   ) {}
 
-  /** `size` bytes of `fd` at `offset`, shared with every other mapper of the object. */
-  static fromDescriptor(fd: number, offset: number, size: number, prot: number): MemoryMapping {
-    return new MemoryMapping(sys.mmap(0, size, prot, sys.MAP_SHARED, fd, offset), size);
+  /**
+   * `size` bytes of `fd` at `offset`, shared with every other mapper of the object, or, with
+   * `private_`, a copy-on-write view of it (how a write-sealed memfd can be mapped at all).
+   */
+  static fromDescriptor(fd: number, offset: number, size: number, prot: number, private_ = false): MemoryMapping {
+    return new MemoryMapping(sys.mmap(0, size, prot, private_ ? sys.MAP_PRIVATE : sys.MAP_SHARED, fd, offset), size);
   }
 
   /** Anonymous memory that reads as zeros and takes no host memory until written. */
@@ -22,10 +25,10 @@ export class MemoryMapping {
   }
 
   /** Maps `size` bytes of `fd` over [offset, offset+size) of this mapping (MAP_FIXED). */
-  mapFixed(offset: number, size: number, fd: number, fdOffset: number, prot: number): void {
+  mapFixed(offset: number, size: number, fd: number, fdOffset: number, prot: number, private_ = false): void {
     this.checkRange(offset, size);
     try {
-      sys.mmap(this.addr + offset, size, prot, sys.MAP_SHARED | sys.MAP_FIXED, fd, fdOffset);
+      sys.mmap(this.addr + offset, size, prot, (private_ ? sys.MAP_PRIVATE : sys.MAP_SHARED) | sys.MAP_FIXED, fd, fdOffset);
     } catch (e) {
       // Some kernels unmap the old range before a MAP_FIXED mmap fails: put the arena's
       // memory back, so no hole is left for an unrelated mapping to land in.

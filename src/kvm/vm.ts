@@ -40,7 +40,7 @@ export interface Vm {
   /** Reserves [guest, guest+size) as read-only anonymous memory in one slot (an arena). */
   prepareArena(guest: GuestAddress, size: number, cache: MemCacheType): MemSlot;
   /** Maps `size` bytes of `fd` at `fdOffset` into the arena in `slot` at `offset` (MAP_FIXED). */
-  addFdMapping(slot: MemSlot, offset: number, size: number, fd: number, fdOffset: number, prot: number): void;
+  addFdMapping(slot: MemSlot, offset: number, size: number, fd: number, fdOffset: number, prot: number, private_: boolean): void;
   /** Puts the arena's anonymous read-only memory back over [offset, offset+size). */
   removeMapping(slot: MemSlot, offset: number, size: number): void;
 

@@ -2,8 +2,8 @@
 // layout"), as crosvm's resources::SystemAllocator for what vmemd needs: PCI BARs
 // and other MMIO allocations, naturally aligned, from a low and a high pool.
 import { type GuestAddress, hex, highMmioStart, LOW_MMIO_END, MiB, PCI_HOLE_START } from "../kvm";
-import { failure } from "./error";
-import type { Alloc } from "./request";
+import { failure, Refusal } from "./error";
+import type { Alloc } from "../protocol/messages";
 
 export interface Allocation {
   alloc: Alloc;
@@ -16,22 +16,29 @@ export const HIGH_POOL_THRESHOLD = 256 * MiB;
 
 /** A stable key for an Alloc (bigints and numbers of the same value are the same key). */
 export function allocKey(alloc: Alloc): string {
+  if (typeof alloc === "string") return alloc;
   if ("PciBar" in alloc) {
     const b = alloc.PciBar;
     return `PciBar:${b.bus}:${b.dev}:${b.func}:${b.bar}`;
   }
   const [k, v] = Object.entries(alloc)[0]!;
-  return `${k}:${v}`;
+  return typeof v === "object" ? `${k}:${v.bus}:${v.dev}:${v.func}` : `${k}:${v}`;
 }
 
+export function isPciBar(alloc: Alloc): alloc is Extract<Alloc, { PciBar: unknown }> {
+  return typeof alloc === "object" && "PciBar" in alloc;
+}
+
+const h2 = (n: number) => n.toString(16).padStart(2, "0");
+
 export function describeAlloc(alloc: Alloc): string {
+  if (typeof alloc === "string") return alloc;
   if ("PciBar" in alloc) {
     const b = alloc.PciBar;
-    const h = (n: number, w: number) => n.toString(16).padStart(w, "0");
-    return `PciBar ${h(b.bus, 2)}:${h(b.dev, 2)}.${b.func} BAR${b.bar}`;
+    return `PciBar ${h2(b.bus)}:${h2(b.dev)}.${b.func} BAR${b.bar}`;
   }
   const [k, v] = Object.entries(alloc)[0]!;
-  return `${k}(${v})`;
+  return typeof v === "object" ? `${k} ${h2(v.bus)}:${h2(v.dev)}.${v.func}` : `${k}(${v})`;
 }
 
 class Pool {
@@ -80,19 +87,19 @@ export class SystemAllocator {
    * Allocates `size` bytes for `alloc`. A PciBar must be a power of two of at least
    * 4 KiB and is aligned to its size (the PCI rule); others align to `align` (default 4 KiB).
    */
-  allocate(alloc: Alloc, size: number, align?: number): Allocation {
+  allocate(alloc: Alloc, size: number, align?: number): Allocation | Refusal {
     const what = describeAlloc(alloc);
-    if (this.byKey.has(allocKey(alloc))) throw failure("EEXIST", `${what} is already allocated`);
+    if (this.byKey.has(allocKey(alloc))) return Refusal.of("EEXIST", `${what} is already allocated`);
     if (!Number.isSafeInteger(size) || size <= 0 || size % 4096 !== 0) {
-      throw failure("EINVAL", `${what}: size ${size} is not a positive multiple of 4096`);
+      return Refusal.of("EINVAL", `${what}: size ${size} is not a positive multiple of 4096`);
     }
-    const isBar = "PciBar" in alloc;
+    const isBar = isPciBar(alloc);
     if (isBar && !isPowerOfTwo(size)) {
-      throw failure("EINVAL", `${what}: a BAR size must be a power of two, not ${size}`);
+      return Refusal.of("EINVAL", `${what}: a BAR size must be a power of two, not ${size}`);
     }
     const alignment = isBar ? size : (align ?? 4096);
     if (!isPowerOfTwo(alignment) || alignment < 4096) {
-      throw failure("EINVAL", `${what}: alignment ${alignment} is not a power of two of at least 4096`);
+      return Refusal.of("EINVAL", `${what}: alignment ${alignment} is not a power of two of at least 4096`);
     }
     const pools = size >= HIGH_POOL_THRESHOLD ? [this.high] : [this.low, this.high];
     for (const pool of pools) {
@@ -103,7 +110,7 @@ export class SystemAllocator {
       this.byKey.set(allocKey(alloc), { a, pool });
       return a;
     }
-    throw failure("ENOSPC", `${what}: no room for ${size} bytes aligned to ${alignment} in the MMIO pools`);
+    return Refusal.of("ENOSPC", `${what}: no room for ${size} bytes aligned to ${alignment} in the MMIO pools`);
   }
 
   get(alloc: Alloc): Allocation | undefined {
@@ -119,17 +126,17 @@ export class SystemAllocator {
 
   /**
    * The guest address of [offset, offset+size) inside a PciBar allocation, as crosvm's
-   * address_from_pci_offset: PciBar only, overflow and bounds checked. Unlike crosvm's
-   * exclusive end check, a range that ends exactly at the BAR's end is accepted.
+   * address_from_pci_offset: PciBar only, overflow and bounds checked; a range may end
+   * exactly at the BAR's end.
    */
-  addressFromPciOffset(alloc: Alloc, offset: number, size: number): GuestAddress {
-    if (!("PciBar" in alloc)) throw failure("EINVAL", `${describeAlloc(alloc)} is not a PciBar allocation`);
+  addressFromPciOffset(alloc: Alloc, offset: number, size: number): GuestAddress | Refusal {
+    if (!isPciBar(alloc)) return Refusal.of("EINVAL", `${describeAlloc(alloc)} is not a PciBar allocation`);
     const a = this.get(alloc);
-    if (a === undefined) throw failure("EINVAL", `${describeAlloc(alloc)} is not allocated`);
+    if (a === undefined) return Refusal.of("EINVAL", `${describeAlloc(alloc)} is not allocated`);
     const address = a.start + offset;
     const end = address + size;
     if (!Number.isSafeInteger(end) || offset < 0 || size < 0 || end > a.start + a.size) {
-      throw failure("EINVAL", `offset ${hex(offset)} size ${hex(size)} is outside ${describeAlloc(alloc)} (${hex(a.size)} bytes)`);
+      return Refusal.of("EINVAL", `offset ${hex(offset)} size ${hex(size)} is outside ${describeAlloc(alloc)} (${hex(a.size)} bytes)`);
     }
     return address;
   }

@@ -49,3 +49,25 @@ export function withContext<T>(message: string | (() => string), f: () => T): T 
     throw VmMemoryError.from(e).context(typeof message === "string" ? message : message());
   }
 }
+
+/**
+ * A refused request as a value: what an Err response carries. Not an Error (no stack is
+ * captured), so the paths a client can drive at request rate return it instead of throwing.
+ */
+export class Refusal {
+  constructor(
+    readonly errno: number | null,
+    /** Root cause first, outermost context last. */
+    readonly chain: string[],
+  ) {}
+
+  static of(errno: keyof typeof Errno, root: string): Refusal {
+    return new Refusal(Errno[errno], [root]);
+  }
+
+  /** Adds an outer context, as anyhow's `.context()`. */
+  context(message: string): this {
+    this.chain.push(message);
+    return this;
+  }
+}

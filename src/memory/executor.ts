@@ -1,30 +1,34 @@
-// execute(request) for crosvm's VmMemoryRequest set plus vmemd's extensions,
-// with crosvm's semantics and the vmemd rules of PROTOCOL.md ("Semantics").
+// execute(request) for crosvm's VmMemoryRequest set plus vmemd's extensions, with crosvm's
+// semantics and vmemd's rules (docs/protocol.md, "Semantics"). A refusal a client can drive
+// at request rate (a bad range, an unknown region, an overlap) is returned as a Refusal
+// value; only failing system calls throw (SysError), and execute() turns those into Err.
 import * as sys from "../sys";
 import { type GuestAddress, hex, MemoryMapping, type IoeventDatamatch, type MemSlot, type Vm } from "../kvm";
-import { allocKey, describeAlloc, type SystemAllocator } from "./allocator";
-import { failure, rethrowWithContext, VmMemoryError, withContext } from "./error";
+import {
+  ALLOCATIONS_PER_PAGE,
+  REGIONS_PER_PAGE,
+  type Alloc,
+  type AllocationSummary,
+  type Datamatch,
+  type GuestRange,
+  type MemCacheType,
+  type Protection,
+  type RegionSummary,
+  type SharedMemory,
+  type U64,
+  type VcpuSummary,
+  type VmMemoryDestination,
+  type VmMemoryFileMapping,
+  type VmMemoryRequest,
+  type VmMemoryResponse,
+  type VmMemorySource,
+} from "../protocol/messages";
+import { allocKey, describeAlloc, isPciBar, type SystemAllocator } from "./allocator";
+import { Refusal, VmMemoryError } from "./error";
 import { IntervalMap } from "./interval_map";
 import { isArena, regionIdOf, type PreparedArena, type Region, type RegionState } from "./region_state";
-import type {
-  Alloc,
-  Datamatch,
-  Fd,
-  GuestRange,
-  MemCacheType,
-  Protection,
-  RegionSummary,
-  SharedMemory,
-  U64,
-  VcpuSummary,
-  VmMemoryDestination,
-  VmMemoryFileMapping,
-  VmMemoryRequest,
-  VmMemoryResponse,
-  VmMemorySource,
-} from "./request";
 
-export const PAGE_SIZE = 4096;
+export const PAGE_SIZE = sys.PAGE_SIZE;
 
 export interface ExecContext {
   vm: Vm;
@@ -34,283 +38,312 @@ export interface ExecContext {
   vcpu?: () => VcpuSummary | null;
 }
 
-/** Executes one request. Never throws: failures come back as an Err response with their chain. */
-export function execute(req: VmMemoryRequest, ctx: ExecContext): VmMemoryResponse {
-  try {
-    return dispatch(req, ctx);
-  } catch (e) {
-    const err = VmMemoryError.from(e);
-    return { Err: { errno: err.errno, chain: err.chain } };
-  }
+type Result = VmMemoryResponse | Refusal;
+
+/** The Err response for a refusal or a thrown error. */
+export function errResponse(e: unknown): VmMemoryResponse {
+  const r = e instanceof Refusal ? e : VmMemoryError.from(e);
+  return { Err: { errno: r.errno, chain: r.chain } };
 }
 
-function dispatch(req: VmMemoryRequest, ctx: ExecContext): VmMemoryResponse {
-  if (req === "GetState") return getState(ctx);
+/** Executes one request. Never throws: failures come back as an Err response with their chain. */
+export function execute(req: Exclude<VmMemoryRequest, { MmapAndRegisterMemory: unknown }>, ctx: ExecContext): VmMemoryResponse {
+  let r: Result;
+  try {
+    r = dispatch(req, ctx);
+  } catch (e) {
+    // A failing system call: the rare path, given the same outer context a refusal gets.
+    const err = errorRefusal(e);
+    const context = typeof req === "object" ? contextOf(req) : null;
+    return errResponse(context === null || err.chain.at(-1) === context ? err : err.context(context));
+  }
+  return r instanceof Refusal ? errResponse(r) : r;
+}
+
+/** The outermost context of a request's failures (built only when one fails). */
+function contextOf(req: Exclude<VmMemoryRequest, string | { MmapAndRegisterMemory: unknown }>): string | null {
+  if ("RegisterMemory" in req) return "failed to register memory";
+  if ("UnregisterMemory" in req) return `failed to unregister memory region ${hex(req.UnregisterMemory)}`;
+  if ("DynamicallyFreeMemoryRanges" in req) return "failed to free guest memory ranges";
+  if ("DynamicallyReclaimMemoryRanges" in req) return "failed to reclaim guest memory ranges";
+  if ("PrepareSharedMemoryRegion" in req) return `failed to prepare shared memory region for ${describeAlloc(req.PrepareSharedMemoryRegion.alloc)}`;
+  if ("IoEventRaw" in req) return `failed to ${req.IoEventRaw.register ? "register" : "unregister"} ioevent at ${hex(req.IoEventRaw.addr)}`;
+  if ("AllocateMmio" in req) return `failed to allocate MMIO for ${describeAlloc(req.AllocateMmio.alloc)}`;
+  if ("ReleaseMmio" in req) return `failed to release MMIO of ${describeAlloc(req.ReleaseMmio)}`;
+  return null;
+}
+
+function dispatch(req: Exclude<VmMemoryRequest, { MmapAndRegisterMemory: unknown }>, ctx: ExecContext): Result {
+  if (typeof req === "string") return getState(ctx);
   if ("RegisterMemory" in req) {
     const r = req.RegisterMemory;
-    try {
-      return registerMemory(ctx, r.source, r.dest, r.prot, r.cache);
-    } catch (e) {
-      rethrowWithContext(e, "failed to register memory");
-    }
+    return withContext(registerMemory(ctx, r.source, r.dest, r.prot, r.cache), "failed to register memory");
   }
   if ("UnregisterMemory" in req) {
-    try {
-      return unregisterMemory(ctx, req.UnregisterMemory);
-    } catch (e) {
-      rethrowWithContext(e, `failed to unregister memory region ${hex(req.UnregisterMemory)}`);
-    }
+    const id = req.UnregisterMemory;
+    const r = unregisterMemory(ctx, id);
+    return r instanceof Refusal ? r.context(`failed to unregister memory region ${hex(id)}`) : r;
   }
   if ("BalloonTargetReached" in req) {
     ctx.state.balloonTarget = req.BalloonTargetReached.size;
     return "Ok";
   }
-  return dispatchWithClosures(req, ctx);
-}
-
-/**
- * The requests whose context messages are closures. Kept apart from dispatch(): a closure
- * that captures `req` makes JSC allocate the function's scope on every call, and the
- * register/unregister path would pay for it.
- */
-function dispatchWithClosures(req: Exclude<VmMemoryRequest, "GetState">, ctx: ExecContext): VmMemoryResponse {
-  if ("PrepareSharedMemoryRegion" in req) {
-    const r = req.PrepareSharedMemoryRegion;
-    return withContext(() => `failed to prepare shared memory region for ${describeAlloc(r.alloc)}`, () =>
-      prepareSharedMemoryRegion(ctx, r.alloc, r.cache),
-    );
-  }
-  if ("MmapAndRegisterMemory" in req) {
-    const r = req.MmapAndRegisterMemory;
-    return withContext("failed to mmap and register memory", () =>
-      mmapAndRegisterMemory(ctx, r.shm, r.dest, r.file_mappings ?? []),
-    );
-  }
   if ("DynamicallyFreeMemoryRanges" in req) {
-    return withContext("failed to free guest memory ranges", () => freeRanges(ctx, req.DynamicallyFreeMemoryRanges.ranges));
+    return withContext(freeRanges(ctx, req.DynamicallyFreeMemoryRanges.ranges), "failed to free guest memory ranges");
   }
   if ("DynamicallyReclaimMemoryRanges" in req) {
-    return withContext("failed to reclaim guest memory ranges", () => {
-      checkRamRanges(ctx.vm, req.DynamicallyReclaimMemoryRanges.ranges);
-      return "Ok";
-    });
+    return withContext(reclaimRanges(ctx, req.DynamicallyReclaimMemoryRanges.ranges), "failed to reclaim guest memory ranges");
+  }
+  if ("PrepareSharedMemoryRegion" in req) {
+    const r = req.PrepareSharedMemoryRegion;
+    const out = prepareSharedMemoryRegion(ctx, r.alloc, r.cache);
+    return out instanceof Refusal ? out.context(`failed to prepare shared memory region for ${describeAlloc(r.alloc)}`) : out;
   }
   if ("IoEventRaw" in req) {
     const r = req.IoEventRaw;
-    return withContext(() => `failed to ${r.register ? "register" : "unregister"} ioevent at ${hex(r.addr)}`, () =>
-      ioEvent(ctx, r.event, r.addr, r.datamatch, r.register),
-    );
+    const out = ioEvent(ctx, r.event, r.addr, r.datamatch, r.register);
+    return out instanceof Refusal ? out.context(`failed to ${r.register ? "register" : "unregister"} ioevent at ${hex(r.addr)}`) : out;
+  }
+  if ("GetRegions" in req) {
+    const p = req.GetRegions;
+    const page = regionsPage(ctx, num(p.from), p.max ?? REGIONS_PER_PAGE);
+    return { Regions: { regions: page.entries, next: page.next } };
+  }
+  if ("GetAllocations" in req) {
+    const p = req.GetAllocations;
+    const page = allocationsPage(ctx, num(p.from), p.max ?? ALLOCATIONS_PER_PAGE);
+    return { Allocations: { allocations: page.entries, next: page.next } };
   }
   if ("AllocateMmio" in req) {
     const r = req.AllocateMmio;
-    return withContext(() => `failed to allocate MMIO for ${describeAlloc(r.alloc)}`, () => {
-      const a = ctx.allocator.allocate(r.alloc, num(r.size, "size"), r.align === null ? undefined : num(r.align, "align"));
-      return { Allocated: { start: a.start, size: a.size } };
-    });
+    const size = num(r.size);
+    const align = r.align === null ? undefined : num(r.align);
+    const out = ctx.allocator.allocate(r.alloc, size, align);
+    if (out instanceof Refusal) return out.context(`failed to allocate MMIO for ${describeAlloc(r.alloc)}`);
+    return { Allocated: { start: out.start, size: out.size } };
   }
   if ("ReleaseMmio" in req) {
-    return withContext(() => `failed to release MMIO of ${describeAlloc(req.ReleaseMmio)}`, () => releaseMmio(ctx, req.ReleaseMmio));
+    const out = releaseMmio(ctx, req.ReleaseMmio);
+    return out instanceof Refusal ? out.context(`failed to release MMIO of ${describeAlloc(req.ReleaseMmio)}`) : out;
   }
-  throw failure("EINVAL", `unknown request`);
+  return Refusal.of("EINVAL", "unknown request");
+}
+
+/** `r` with `message` as outer context when it is a refusal. */
+function withContext(r: Result, message: string): Result {
+  return r instanceof Refusal ? r.context(message) : r;
 }
 
 // ---- value checks ----------------------------------------------------------
 
-/** A u64 as a number; values above 2^53 are beyond any guest physical limit. */
-function num(v: U64, what: string): number {
-  if (typeof v === "bigint") {
-    if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw failure("EOVERFLOW", `${what} ${hex(v)} is beyond 2^53`);
-    if (v < 0n) throw failure("EINVAL", `${what} ${v} is negative`);
-    return Number(v);
-  }
-  if (!Number.isInteger(v) || v < 0) throw failure("EINVAL", `${what} ${v} is not a non-negative integer`);
-  if (v > Number.MAX_SAFE_INTEGER) throw failure("EOVERFLOW", `${what} ${v} is beyond 2^53`);
-  return v;
+/** A u64 as a number; -1 above 2^53, beyond any guest physical limit (callers refuse it). */
+function num(v: U64): number {
+  return typeof v === "number" ? v : v > BigInt(Number.MAX_SAFE_INTEGER) ? -1 : Number(v);
 }
 
-/** `what` and `part` make the message only when it is needed (no string per request). */
-function pageAligned(v: number, what: string, part = ""): void {
-  if (v % PAGE_SIZE !== 0) throw failure("EINVAL", `${what}${part} ${hex(v)} is not page aligned (4096)`);
+function tooLarge(what: string, v: U64): Refusal {
+  return Refusal.of("EOVERFLOW", `${what} ${hex(v)} is beyond 2^53`);
 }
 
-function protBits(prot: Protection): number {
-  if (!prot.read) throw failure("EINVAL", "guest memory must be readable (prot.read is false)");
-  return sys.PROT_READ | (prot.write ? sys.PROT_WRITE : 0);
+function notAligned(what: string, v: number): Refusal {
+  return Refusal.of("EINVAL", `${what} ${hex(v)} is not page aligned (4096)`);
 }
 
-const FILE_TYPES: Record<number, string> = {
-  [sys.S_IFDIR]: "a directory",
-  [sys.S_IFCHR]: "a character device",
-  [sys.S_IFBLK]: "a block device",
-  [sys.S_IFIFO]: "a pipe",
-  [sys.S_IFSOCK]: "a socket",
-  0: "an anonymous inode (eventfd, epoll, ...)",
-};
+/** Up to the next page boundary: crosvm maps (and KVM slots cover) whole pages. */
+export function pageUp(n: number): number {
+  return Math.ceil(n / PAGE_SIZE) * PAGE_SIZE;
+}
+
+/** The mmap protection for `prot`. Write-only is read-write (x86 pages cannot be write-only). */
+function protBits(prot: Protection): number | Refusal {
+  if (!prot.read && !prot.write) return Refusal.of("EINVAL", "protection allows neither reading nor writing");
+  return prot.write ? sys.PROT_READ | sys.PROT_WRITE : sys.PROT_READ;
+}
+
+/** What a source descriptor is, as far as mapping it goes. */
+interface SourceInfo {
+  /** The object's size where the kernel reports one (file, memfd, dma-buf); -1 if unknown. */
+  objectSize: number;
+  /** Writes are sealed (F_SEAL_WRITE / F_SEAL_FUTURE_WRITE): it can only be mapped private. */
+  writeSealed: boolean;
+}
+
+const WRITE_SEALS = sys.F_SEAL_WRITE | sys.F_SEAL_FUTURE_WRITE;
 
 /**
- * Checks that [offset, offset+size) of `fd` can back guest memory: a regular file or
- * memfd, with the whole range inside it, so a guest access never faults on a short file.
- * A memfd that allows sealing is sealed against shrinking first, so the size checked is
- * the size for good. (The seal stays even when the request is refused later.)
+ * Inspects a source descriptor. A memfd that allows sealing is sealed against shrinking, so
+ * the size checked is its size for good (the seal stays if the request is refused later);
+ * one that does not allow it, or a plain file, is checked as it is. Nothing here throws for
+ * a descriptor that simply is not a memfd.
  */
-function checkMemorySource(fd: Fd, offset: number, size: number, what: string): void {
-  if (size === 0) throw failure("EINVAL", `${what}: size is zero`);
-  pageAligned(size, what, ": size");
-  pageAligned(offset, what, ": offset");
-  try {
-    sys.fcntl(fd, sys.F_ADD_SEALS, sys.F_SEAL_SHRINK);
-  } catch {
-    // Not a memfd, or sealing not allowed: the size check below is what protects us then.
-  }
+function inspectSource(fd: number, what: string): SourceInfo | Refusal {
+  sys.tryFcntl(fd, sys.F_ADD_SEALS, sys.F_SEAL_SHRINK);
+  const seals = sys.tryFcntl(fd, sys.F_GET_SEALS);
   let st: sys.Stat;
   try {
     st = sys.fstat(fd);
   } catch (e) {
-    rethrowWithContext(e, `${what}: cannot inspect descriptor ${fd}`);
+    return errorRefusal(e).context(`${what}: cannot inspect descriptor ${fd}`);
   }
   const type = st.mode & sys.S_IFMT;
-  if (type !== sys.S_IFREG) {
-    throw failure("EINVAL", `${what}: descriptor is ${FILE_TYPES[type] ?? `of file type ${hex(type)}`}, not memory`);
-  }
-  checkSize(st.size, offset, size, what);
+  // A regular file or memfd reports its size; so does a dma-buf (an anonymous inode whose
+  // size is the buffer's). Devices and other anonymous inodes report none: mmap decides.
+  const objectSize = type === sys.S_IFREG || (type === 0 && st.size > 0) ? st.size : -1;
+  return { objectSize, writeSealed: seals > 0 && (seals & WRITE_SEALS) !== 0 };
 }
 
-function checkSize(objectSize: number, offset: number, size: number, what: string): void {
-  if (offset + size > objectSize) {
-    throw failure("EINVAL", `${what}: range ${hex(offset)}+${hex(size)} extends past the end of the object (${hex(objectSize)} bytes)`);
+/** [offset, offset+size) lies inside an object of `objectSize` bytes (when that is known). */
+function checkInside(objectSize: number, offset: number, size: number, what: string): Refusal | null {
+  if (objectSize >= 0 && offset + size > objectSize) {
+    return Refusal.of("EINVAL", `${what}: range ${hex(offset)}+${hex(size)} extends past the end of the object (${hex(objectSize)} bytes)`);
   }
+  return null;
 }
 
-/** Checks [guest, guest+size) is free guest physical space: aligned, below the limit, overlapping neither RAM nor a region. */
-function checkFreeGuestRange(ctx: ExecContext, guest: GuestAddress, size: number): void {
-  pageAligned(guest, "guest address");
+/** [guest, guest+size) is free guest physical space: aligned, below the limit, overlapping neither RAM nor a region. */
+function checkFreeGuestRange(ctx: ExecContext, guest: GuestAddress, size: number): Refusal | null {
+  if (guest % PAGE_SIZE !== 0) return notAligned("guest address", guest);
   const end = guest + size;
-  if (!Number.isSafeInteger(end)) throw failure("EOVERFLOW", `guest range ${hex(guest)}+${hex(size)} overflows`);
+  if (!Number.isSafeInteger(end)) return Refusal.of("EOVERFLOW", `guest range ${hex(guest)}+${hex(size)} overflows`);
   if (end > ctx.vm.physAddrLimit) {
-    throw failure("EINVAL", `guest range ${hex(guest)}..${hex(end)} is beyond the guest physical limit ${hex(ctx.vm.physAddrLimit)}`);
+    return Refusal.of("EINVAL", `guest range ${hex(guest)}..${hex(end)} is beyond the guest physical limit ${hex(ctx.vm.physAddrLimit)}`);
   }
   for (const r of ctx.vm.ram) {
     if (guest < r.guest + r.size && r.guest < end) {
-      throw failure("ENOSPC", `guest range ${hex(guest)}..${hex(end)} overlaps guest RAM ${hex(r.guest)}..${hex(r.guest + r.size)}`);
+      return Refusal.of("ENOSPC", `guest range ${hex(guest)}..${hex(end)} overlaps guest RAM ${hex(r.guest)}..${hex(r.guest + r.size)}`);
     }
   }
   const hit = ctx.state.top.findOverlap(guest, end);
   if (hit !== undefined) {
     const what = isArena(hit.value) ? `the prepared region of ${describeAlloc(hit.value.alloc)}` : `region ${hex(hit.start)}`;
-    throw failure("ENOSPC", `guest range ${hex(guest)}..${hex(end)} overlaps ${what} (${hex(hit.start)}..${hex(hit.end)})`);
+    return Refusal.of("ENOSPC", `guest range ${hex(guest)}..${hex(end)} overlaps ${what} (${hex(hit.start)}..${hex(hit.end)})`);
   }
+  return null;
 }
 
 // ---- RegisterMemory / UnregisterMemory -------------------------------------
 
 interface SourceRange {
-  fd: Fd;
+  fd: number;
   offset: number;
+  /** The size asked for, and the page-rounded size that gets mapped. */
   size: number;
+  mapped: number;
+  private_: boolean;
 }
 
-function sourceRange(source: VmMemorySource): SourceRange {
+function sourceRange(source: VmMemorySource): SourceRange | Refusal {
   if ("ExternalMapping" in source) {
-    throw failure("EPERM", "ExternalMapping sources point into another process's address space and are refused");
+    return Refusal.of("EPERM", "ExternalMapping sources point into another process's address space and are refused");
   }
-  if ("Vulkan" in source) throw failure("ENOTSUP", "Vulkan memory sources need a GPU allocator, which vmemd does not have");
+  if ("Vulkan" in source) return Refusal.of("ENOTSUP", "Vulkan memory sources need a GPU allocator, which vmemd does not have");
+  let fd: number;
+  let offset = 0;
+  let size: number;
   if ("SharedMemory" in source) {
-    const s = source.SharedMemory;
-    return { fd: s.descriptor, offset: 0, size: num(s.size, "shared memory size") };
+    fd = source.SharedMemory.descriptor;
+    size = num(source.SharedMemory.size);
+    if (size < 0) return tooLarge("shared memory size", source.SharedMemory.size);
+  } else {
+    const d = source.Descriptor;
+    fd = d.descriptor;
+    offset = num(d.offset);
+    size = num(d.size);
+    if (offset < 0) return tooLarge("source offset", d.offset);
+    if (size < 0) return tooLarge("source size", d.size);
+    if (offset % PAGE_SIZE !== 0) return notAligned("source offset", offset);
+    if (!Number.isSafeInteger(offset + size)) return Refusal.of("EOVERFLOW", `source range ${hex(offset)}+${hex(size)} overflows`);
   }
-  const d = source.Descriptor;
-  const offset = num(d.offset, "source offset");
-  const size = num(d.size, "source size");
-  if (!Number.isSafeInteger(offset + size)) throw failure("EOVERFLOW", `source range ${hex(offset)}+${hex(size)} overflows`);
-  return { fd: d.descriptor, offset, size };
+  if (size === 0) return Refusal.of("EINVAL", "memory source: size is zero");
+  const info = inspectSource(fd, "memory source");
+  if (info instanceof Refusal) return info;
+  const outside = checkInside(info.objectSize, offset, size, "memory source");
+  if (outside !== null) return outside;
+  return { fd, offset, size, mapped: pageUp(size), private_: info.writeSealed };
 }
 
 /** Where a destination lands: a prepared arena (fixed mapping) or free guest space (a new slot). */
-type Placement = { arena: PreparedArena; guest: GuestAddress } | { arena: null; guest: GuestAddress };
+interface Placement {
+  arena: PreparedArena | null;
+  guest: GuestAddress;
+}
 
-function place(ctx: ExecContext, dest: VmMemoryDestination, size: number): Placement {
+function place(ctx: ExecContext, dest: VmMemoryDestination, size: number): Placement | Refusal {
   if ("ExistingAllocation" in dest) {
     const { allocation, offset } = dest.ExistingAllocation;
-    const off = num(offset, "allocation offset");
+    const off = num(offset);
+    if (off < 0) return tooLarge("allocation offset", offset);
     const arena = ctx.state.arenas.get(allocKey(allocation));
     if (arena !== undefined) {
       if (off + size > arena.size) {
-        throw failure("EINVAL", `offset ${hex(off)} size ${hex(size)} is outside ${describeAlloc(allocation)} (${hex(arena.size)} bytes)`);
+        return Refusal.of("EINVAL", `offset ${hex(off)} size ${hex(size)} is outside ${describeAlloc(allocation)} (${hex(arena.size)} bytes)`);
       }
       return { arena, guest: arena.start + off };
     }
-    return { arena: null, guest: ctx.allocator.addressFromPciOffset(allocation, off, size) };
+    const guest = ctx.allocator.addressFromPciOffset(allocation, off, size);
+    return guest instanceof Refusal ? guest : { arena: null, guest };
   }
-  const guest = num(dest.GuestPhysicalAddress, "guest address");
+  const guest = num(dest.GuestPhysicalAddress);
+  if (guest < 0) return tooLarge("guest address", dest.GuestPhysicalAddress);
+  // vmemd maps a guest address inside a prepared arena into it (crosvm: the kernel's EEXIST).
   const hit = ctx.state.top.find(guest);
-  if (hit !== undefined && isArena(hit.value)) return { arena: hit.value, guest };
-  return { arena: null, guest };
+  return { arena: hit !== undefined && isArena(hit.value) ? hit.value : null, guest };
 }
 
-function registerMemory(
-  ctx: ExecContext,
-  source: VmMemorySource,
-  dest: VmMemoryDestination,
-  prot: Protection,
-  cache: MemCacheType,
-): VmMemoryResponse {
-  const src = sourceRange(source);
+function registerMemory(ctx: ExecContext, source: VmMemorySource, dest: VmMemoryDestination, prot: Protection, cache: MemCacheType): Result {
   const protection = protBits(prot);
-  checkMemorySource(src.fd, src.offset, src.size, "memory source");
-  const placement = place(ctx, dest, src.size);
+  if (protection instanceof Refusal) return protection;
+  const src = sourceRange(source);
+  if (src instanceof Refusal) return src;
+  const placement = place(ctx, dest, src.mapped);
+  if (placement instanceof Refusal) return placement;
   const readOnly = !prot.write;
   if (placement.arena !== null) return mapIntoArena(ctx, placement.arena, placement.guest, src, protection, readOnly);
 
   const guest = placement.guest;
-  checkFreeGuestRange(ctx, guest, src.size);
-  let mapping: MemoryMapping;
-  try {
-    mapping = MemoryMapping.fromDescriptor(src.fd, src.offset, src.size, protection);
-  } catch (e) {
-    rethrowWithContext(e, "failed to map the memory source");
-  }
-  let slot: MemSlot;
-  try {
-    slot = ctx.vm.addMemoryRegion(guest, mapping, readOnly, cache);
-  } catch (e) {
-    rethrowWithContext(e, `failed to add memory region at ${hex(guest)} when registering memory`);
-  }
-  const region: Region = { id: guest, size: src.size, slot, readOnly, arena: null };
+  const busy = checkFreeGuestRange(ctx, guest, src.mapped);
+  if (busy !== null) return busy;
+  const mapping = wrapSys(() => MemoryMapping.fromDescriptor(src.fd, src.offset, src.mapped, protection, src.private_), "failed to map the memory source");
+  const slot = wrapSys(() => ctx.vm.addMemoryRegion(guest, mapping, readOnly, cache), `failed to add memory region at ${hex(guest)} when registering memory`);
+  const region: Region = { id: guest, size: src.mapped, slot, readOnly, arena: null };
   ctx.state.regions.set(guest, region);
-  ctx.state.top.insert(guest, guest + src.size, region);
+  ctx.state.top.insert(guest, guest + src.mapped, region);
   return { RegisterMemory: { region_id: guest, slot } };
 }
 
-function mapIntoArena(
-  ctx: ExecContext,
-  arena: PreparedArena,
-  guest: GuestAddress,
-  src: SourceRange,
-  protection: number,
-  readOnly: boolean,
-): VmMemoryResponse {
-  pageAligned(guest, "guest address");
-  const end = guest + src.size;
+/** Runs a system-call step; a SysError becomes a VmMemoryError with `context` (thrown: the rare path). */
+function wrapSys<T>(f: () => T, context: string): T {
+  try {
+    return f();
+  } catch (e) {
+    throw VmMemoryError.from(e).context(context);
+  }
+}
+
+function mapIntoArena(ctx: ExecContext, arena: PreparedArena, guest: GuestAddress, src: SourceRange, protection: number, readOnly: boolean): Result {
+  if (guest % PAGE_SIZE !== 0) return notAligned("guest address", guest);
+  const end = guest + src.mapped;
   if (end > arena.start + arena.size) {
-    throw failure("ENOSPC", `guest range ${hex(guest)}..${hex(end)} crosses the end of the prepared region of ${describeAlloc(arena.alloc)}`);
+    return Refusal.of("ENOSPC", `guest range ${hex(guest)}..${hex(end)} crosses the end of the prepared region of ${describeAlloc(arena.alloc)}`);
   }
   const hit = arena.fixed.findOverlap(guest, end);
   if (hit !== undefined) {
-    throw failure("ENOSPC", `guest range ${hex(guest)}..${hex(end)} overlaps region ${hex(hit.start)} in the prepared region of ${describeAlloc(arena.alloc)}`);
+    return Refusal.of("ENOSPC", `guest range ${hex(guest)}..${hex(end)} overlaps region ${hex(hit.start)} in the prepared region of ${describeAlloc(arena.alloc)}`);
   }
   const offset = guest - arena.start;
-  withContext(() => `failed to add fd mapping at offset ${hex(offset)} of the prepared region of ${describeAlloc(arena.alloc)}`, () =>
-    ctx.vm.addFdMapping(arena.slot, offset, src.size, src.fd, src.offset, protection),
+  wrapSys(
+    () => ctx.vm.addFdMapping(arena.slot, offset, src.mapped, src.fd, src.offset, protection, src.private_),
+    `failed to add fd mapping at offset ${hex(offset)} of the prepared region of ${describeAlloc(arena.alloc)}`,
   );
-  const region: Region = { id: guest, size: src.size, slot: arena.slot, readOnly, arena };
+  const region: Region = { id: guest, size: src.mapped, slot: arena.slot, readOnly, arena };
   ctx.state.regions.set(guest, region);
   arena.fixed.insert(guest, end, region);
   return { RegisterMemory: { region_id: guest, slot: arena.slot } };
 }
 
-function unregisterMemory(ctx: ExecContext, id: U64): VmMemoryResponse {
+function unregisterMemory(ctx: ExecContext, id: U64): Result {
   const region = ctx.state.regions.get(regionIdOf(id));
-  if (region === undefined) throw failure("ENOENT", `no registered memory region with id ${hex(id)}`);
+  if (region === undefined) return Refusal.of("ENOENT", `no registered memory region with id ${hex(id)}`);
   if (region.arena !== null) {
     const arena = region.arena;
     ctx.vm.removeMapping(arena.slot, region.id - arena.start, region.size);
@@ -325,14 +358,15 @@ function unregisterMemory(ctx: ExecContext, id: U64): VmMemoryResponse {
 
 // ---- PrepareSharedMemoryRegion ---------------------------------------------
 
-function prepareSharedMemoryRegion(ctx: ExecContext, alloc: Alloc, cache: MemCacheType): VmMemoryResponse {
-  if (!("PciBar" in alloc)) throw failure("EINVAL", `${describeAlloc(alloc)} is not a PciBar allocation`);
+function prepareSharedMemoryRegion(ctx: ExecContext, alloc: Alloc, cache: MemCacheType): Result {
+  if (!isPciBar(alloc)) return Refusal.of("EINVAL", `${describeAlloc(alloc)} is not a PciBar allocation`);
   const key = allocKey(alloc);
-  if (ctx.state.arenas.has(key)) throw failure("EEXIST", `${describeAlloc(alloc)} is already prepared`);
+  if (ctx.state.arenas.has(key)) return Refusal.of("EEXIST", `${describeAlloc(alloc)} is already prepared`);
   const a = ctx.allocator.get(alloc);
-  if (a === undefined) throw failure("EINVAL", `${describeAlloc(alloc)} is not allocated`);
-  checkFreeGuestRange(ctx, a.start, a.size);
-  const slot: MemSlot = withContext("failed to add the arena's memory region", () => ctx.vm.prepareArena(a.start, a.size, cache));
+  if (a === undefined) return Refusal.of("EINVAL", `${describeAlloc(alloc)} is not allocated`);
+  const busy = checkFreeGuestRange(ctx, a.start, a.size);
+  if (busy !== null) return busy;
+  const slot = wrapSys(() => ctx.vm.prepareArena(a.start, a.size, cache), "failed to add the arena's memory region");
   const arena: PreparedArena = { alloc, start: a.start, size: a.size, slot, fixed: new IntervalMap<Region>() };
   ctx.state.arenas.set(key, arena);
   ctx.state.top.insert(a.start, a.start + a.size, arena);
@@ -341,74 +375,149 @@ function prepareSharedMemoryRegion(ctx: ExecContext, alloc: Alloc, cache: MemCac
 
 // ---- MmapAndRegisterMemory -------------------------------------------------
 
-function mmapAndRegisterMemory(
-  ctx: ExecContext,
-  shm: SharedMemory,
-  dest: VmMemoryDestination,
-  files: VmMemoryFileMapping[],
-): VmMemoryResponse {
-  const size = num(shm.size, "shm size");
-  checkMemorySource(shm.descriptor, 0, size, "shm");
-  const checked = files.map((f, i) => {
-    const what = `file mapping ${i}`;
-    const length = num(f.length, `${what}: length`);
-    const memOffset = num(f.mem_offset, `${what}: mem_offset`);
-    const fileOffset = num(f.file_offset, `${what}: file_offset`);
-    pageAligned(memOffset, what, ": mem_offset");
-    if (memOffset + length > size) {
-      throw failure("EINVAL", `${what}: ${hex(memOffset)}+${hex(length)} extends past the shm (${hex(size)} bytes)`);
-    }
-    checkMemorySource(f.file, fileOffset, length, what);
-    return { fd: f.file, length, memOffset, fileOffset };
-  });
-  const placement = place(ctx, dest, size);
-  if (placement.arena !== null) {
-    throw failure("EINVAL", "MmapAndRegisterMemory into a prepared region is not supported; use RegisterMemory");
+/**
+ * One MmapAndRegisterMemory under way: the shm is mapped when the request comes, each
+ * chunk's files are mapped into it as the chunk arrives (so their descriptors can be closed
+ * at once: a pending request holds mappings, not descriptors), and the slot is added when
+ * the last chunk is in. It owns its mapping until finish() hands it to the VM; abort()
+ * releases it on every other path.
+ */
+export class MmapRegistration {
+  private mapping: MemoryMapping | null;
+  private mapped = 0;
+
+  private constructor(
+    private readonly ctx: ExecContext,
+    readonly guest: GuestAddress,
+    readonly size: number,
+    mapping: MemoryMapping,
+  ) {
+    this.mapping = mapping;
   }
-  const guest = placement.guest;
-  checkFreeGuestRange(ctx, guest, size);
-  const mapping = withContext("failed to map the shm", () => MemoryMapping.fromDescriptor(shm.descriptor, 0, size, sys.PROT_READ));
-  try {
-    for (let i = 0; i < checked.length; i++) {
-      const f = checked[i]!;
-      withContext(() => `failed to map file mapping ${i} at offset ${hex(f.memOffset)}`, () =>
-        mapping.mapFixed(f.memOffset, f.length, f.fd, f.fileOffset, sys.PROT_READ),
-      );
-    }
-  } catch (e) {
-    mapping.release();
-    throw e;
+
+  /** Checks the request and maps the shm; a refusal allocates nothing. */
+  static start(ctx: ExecContext, shm: SharedMemory, dest: VmMemoryDestination): MmapRegistration | Refusal {
+    const r = MmapRegistration.begin(ctx, shm, dest);
+    return r instanceof Refusal ? r.context("failed to mmap and register memory") : r;
   }
-  const slot = withContext(() => `failed to add memory region at ${hex(guest)}`, () =>
-    ctx.vm.addMemoryRegion(guest, mapping, true, "CacheCoherent"),
-  );
-  const region: Region = { id: guest, size, slot, readOnly: true, arena: null };
-  ctx.state.regions.set(guest, region);
-  ctx.state.top.insert(guest, guest + size, region);
-  return { RegisterMemory: { region_id: guest, slot } };
+
+  private static begin(ctx: ExecContext, shm: SharedMemory, dest: VmMemoryDestination): MmapRegistration | Refusal {
+    const size = num(shm.size);
+    if (size < 0) return tooLarge("shm size", shm.size);
+    if (size === 0) return Refusal.of("EINVAL", "shm: size is zero");
+    const info = inspectSource(shm.descriptor, "shm");
+    if (info instanceof Refusal) return info;
+    const outside = checkInside(info.objectSize, 0, size, "shm");
+    if (outside !== null) return outside;
+    const mapped = pageUp(size);
+    const placement = place(ctx, dest, mapped);
+    if (placement instanceof Refusal) return placement;
+    if (placement.arena !== null) return Refusal.of("EINVAL", "MmapAndRegisterMemory into a prepared region is not supported; use RegisterMemory");
+    const busy = checkFreeGuestRange(ctx, placement.guest, mapped);
+    if (busy !== null) return busy;
+    const mapping = wrapSys(() => MemoryMapping.fromDescriptor(shm.descriptor, 0, mapped, sys.PROT_READ, info.writeSealed), "failed to map the shm");
+    return new MmapRegistration(ctx, placement.guest, mapped, mapping);
+  }
+
+  /** Maps one chunk's files (read-only, MAP_FIXED into the shm); a refusal fails the request. */
+  add(files: readonly VmMemoryFileMapping[]): Refusal | null {
+    const mapping = this.mapping!;
+    for (let i = 0; i < files.length; i++) {
+      const index = this.mapped++;
+      const r = this.addOne(mapping, files[i]!, `file mapping ${index}`);
+      if (r !== null) return r.context("failed to mmap and register memory");
+    }
+    return null;
+  }
+
+  private addOne(mapping: MemoryMapping, f: VmMemoryFileMapping, what: string): Refusal | null {
+    const length = num(f.length);
+    const memOffset = num(f.mem_offset);
+    const fileOffset = num(f.file_offset);
+    if (length < 0 || memOffset < 0 || fileOffset < 0) return Refusal.of("EOVERFLOW", `${what}: a value is beyond 2^53`);
+    if (length === 0) return Refusal.of("EINVAL", `${what}: length is zero`);
+    if (memOffset % PAGE_SIZE !== 0) return notAligned(`${what}: mem_offset`, memOffset);
+    if (fileOffset % PAGE_SIZE !== 0) return notAligned(`${what}: file_offset`, fileOffset);
+    const span = pageUp(length);
+    if (memOffset + span > this.size) {
+      return Refusal.of("EINVAL", `${what}: ${hex(memOffset)}+${hex(span)} extends past the shm (${hex(this.size)} bytes)`);
+    }
+    const info = inspectSource(f.file, what);
+    if (info instanceof Refusal) return info;
+    const outside = checkInside(info.objectSize, fileOffset, length, what);
+    if (outside !== null) return outside;
+    try {
+      mapping.mapFixed(memOffset, span, f.file, fileOffset, sys.PROT_READ, info.writeSealed);
+    } catch (e) {
+      return errorRefusal(e).context(`failed to map ${what} at offset ${hex(memOffset)}`);
+    }
+    return null;
+  }
+
+  /** Adds the slot; the mapping is the VM's from here on, whatever the outcome. */
+  finish(): VmMemoryResponse {
+    const mapping = this.mapping!;
+    this.mapping = null;
+    const guest = this.guest;
+    let slot: MemSlot;
+    try {
+      slot = this.ctx.vm.addMemoryRegion(guest, mapping, true, "CacheCoherent");
+    } catch (e) {
+      return errResponse(errorRefusal(e).context(`failed to add memory region at ${hex(guest)}`).context("failed to mmap and register memory"));
+    }
+    const region: Region = { id: guest, size: this.size, slot, readOnly: true, arena: null };
+    this.ctx.state.regions.set(guest, region);
+    this.ctx.state.top.insert(guest, guest + this.size, region);
+    return { RegisterMemory: { region_id: guest, slot } };
+  }
+
+  /** Releases what was mapped (the request failed, or its connection went). Idempotent. */
+  abort(): void {
+    this.mapping?.release();
+    this.mapping = null;
+  }
+}
+
+function errorRefusal(e: unknown): Refusal {
+  const err = VmMemoryError.from(e);
+  return new Refusal(err.errno, err.chain);
 }
 
 // ---- balloon ---------------------------------------------------------------
 
 /** Checks every range first (page aligned, non-empty, wholly in guest RAM): all or nothing. */
-function checkRamRanges(vm: Vm, ranges: GuestRange[]): Array<[number, number]> {
-  return ranges.map(([g, s], i) => {
-    const guest = num(g, `range ${i}: address`);
-    const size = num(s, `range ${i}: size`);
-    pageAligned(guest, `range ${i}: address`);
-    pageAligned(size, `range ${i}: size`);
-    if (size === 0) throw failure("EINVAL", `range ${i}: size is zero`);
+function checkRamRanges(vm: Vm, ranges: GuestRange[]): Array<[number, number]> | Refusal {
+  const out: Array<[number, number]> = [];
+  for (let i = 0; i < ranges.length; i++) {
+    const [g, s] = ranges[i]!;
+    const guest = num(g);
+    const size = num(s);
+    if (guest < 0 || size < 0) return Refusal.of("EOVERFLOW", `range ${i}: ${hex(g)}+${hex(s)} is beyond 2^53`);
+    if (guest % PAGE_SIZE !== 0) return notAligned(`range ${i}: address`, guest);
+    if (size % PAGE_SIZE !== 0) return notAligned(`range ${i}: size`, size);
+    if (size === 0) return Refusal.of("EINVAL", `range ${i}: size is zero`);
     const inRam = vm.ram.some((r) => guest >= r.guest && guest + size <= r.guest + r.size);
-    if (!inRam) throw failure("EINVAL", `range ${i}: ${hex(guest)}+${hex(size)} is not inside guest RAM`);
-    return [guest, size];
-  });
+    if (!inRam) return Refusal.of("EINVAL", `range ${i}: ${hex(guest)}+${hex(size)} is not inside guest RAM`);
+    out.push([guest, size]);
+  }
+  return out;
 }
 
-function freeRanges(ctx: ExecContext, ranges: GuestRange[]): VmMemoryResponse {
-  for (const [guest, size] of checkRamRanges(ctx.vm, ranges)) {
-    withContext(() => `failed to remove RAM range ${hex(guest)}+${hex(size)}`, () => ctx.vm.removeRamRange(guest, size));
-    ctx.state.freedBytes += size;
+function freeRanges(ctx: ExecContext, ranges: GuestRange[]): Result {
+  const checked = checkRamRanges(ctx.vm, ranges);
+  if (checked instanceof Refusal) return checked;
+  for (const [guest, size] of checked) {
+    wrapSys(() => ctx.vm.removeRamRange(guest, size), `failed to remove RAM range ${hex(guest)}+${hex(size)}`);
+    ctx.state.freed.add(guest, guest + size);
   }
+  return "Ok";
+}
+
+function reclaimRanges(ctx: ExecContext, ranges: GuestRange[]): Result {
+  const checked = checkRamRanges(ctx.vm, ranges);
+  if (checked instanceof Refusal) return checked;
+  // Pages come back zeroed on the guest's next touch: nothing to do but stop counting them.
+  for (const [guest, size] of checked) ctx.state.freed.remove(guest, guest + size);
   return "Ok";
 }
 
@@ -419,15 +528,12 @@ const DATAMATCH_LENGTHS = { U8: 1, U16: 2, U32: 4, U64: 8 } as const;
 function ioeventDatamatch(dm: Datamatch): IoeventDatamatch {
   if (dm === "AnyLength") return { length: 0, value: null };
   const [kind, v] = Object.entries(dm)[0] as [keyof typeof DATAMATCH_LENGTHS, U64 | null];
-  const length = DATAMATCH_LENGTHS[kind];
-  if (v === null) return { length, value: null };
-  const value = BigInt(v);
-  if (value < 0n || value >= 1n << BigInt(length * 8)) throw failure("EINVAL", `datamatch ${kind} value ${hex(value)} does not fit`);
-  return { length, value };
+  return { length: DATAMATCH_LENGTHS[kind], value: v === null ? null : BigInt(v) };
 }
 
-function ioEvent(ctx: ExecContext, event: Fd, addr: U64, dm: Datamatch, register: boolean): VmMemoryResponse {
-  const guest = num(addr, "ioevent address");
+function ioEvent(ctx: ExecContext, event: number, addr: U64, dm: Datamatch, register: boolean): Result {
+  const guest = num(addr);
+  if (guest < 0) return tooLarge("ioevent address", addr);
   const datamatch = ioeventDatamatch(dm);
   if (register) ctx.vm.registerIoevent(event, guest, datamatch);
   else ctx.vm.unregisterIoevent(event, guest, datamatch);
@@ -436,39 +542,107 @@ function ioEvent(ctx: ExecContext, event: Fd, addr: U64, dm: Datamatch, register
 
 // ---- vmemd extensions ------------------------------------------------------
 
-function releaseMmio(ctx: ExecContext, alloc: Alloc): VmMemoryResponse {
+function releaseMmio(ctx: ExecContext, alloc: Alloc): Result {
   const a = ctx.allocator.get(alloc);
-  if (a === undefined) throw failure("ENOENT", `${describeAlloc(alloc)} is not allocated`);
+  if (a === undefined) return Refusal.of("ENOENT", `${describeAlloc(alloc)} is not allocated`);
   const user = ctx.state.top.findOverlap(a.start, a.start + a.size);
   if (user !== undefined) {
-    throw failure("EBUSY", `${describeAlloc(alloc)} is in use by ${isArena(user.value) ? "its prepared region" : `region ${hex(user.start)}`}`);
+    return Refusal.of("EBUSY", `${describeAlloc(alloc)} is in use by ${isArena(user.value) ? "its prepared region" : `region ${hex(user.start)}`}`);
   }
   ctx.allocator.release(alloc);
   return "Ok";
 }
 
-function getState(ctx: ExecContext): VmMemoryResponse {
-  const regions: RegionSummary[] = [];
-  for (const { start, end, value } of ctx.state.top.entries()) {
+interface Page<T> {
+  entries: T[];
+  /** The key of the first entry not listed; null when the listing is complete. */
+  next: number | null;
+}
+
+/** Regions in ascending region_id: prepared arenas, the fixed mappings inside them, dynamic regions. */
+function* regionsFrom(ctx: ExecContext, from: number): IterableIterator<RegionSummary> {
+  for (const { start, end, value } of ctx.state.top.entriesFrom(from)) {
     if (isArena(value)) {
-      regions.push({ region_id: start, slot: value.slot, size: end - start, read_only: true, kind: "prepared" });
-      for (const f of value.fixed.entries()) {
-        regions.push({ region_id: f.start, slot: value.slot, size: f.value.size, read_only: f.value.readOnly, kind: "fixed" });
+      if (start >= from) yield { region_id: start, slot: value.slot, size: end - start, read_only: true, kind: "prepared" };
+      for (const f of value.fixed.entriesFrom(from)) {
+        if (f.start >= from) yield { region_id: f.start, slot: value.slot, size: f.value.size, read_only: f.value.readOnly, kind: "fixed" };
       }
-    } else {
-      regions.push({ region_id: start, slot: value.slot, size: value.size, read_only: value.readOnly, kind: "dynamic" });
+    } else if (start >= from) {
+      yield { region_id: start, slot: value.slot, size: value.size, read_only: value.readOnly, kind: "dynamic" };
     }
   }
+}
+
+/**
+ * A page of up to `max` regions from `from` on (at least one if any remain). A prepared
+ * arena and a fixed mapping at its first byte share a region_id: a page never ends between
+ * the two (they move to the next page together, or, when the page would be empty, both stay).
+ */
+export function regionsPage(ctx: ExecContext, from: number, max: number): Page<RegionSummary> {
+  if (from < 0) return { entries: [], next: null };
+  const cap = Math.max(1, Math.min(max, REGIONS_PER_PAGE));
+  const entries: RegionSummary[] = [];
+  for (const r of regionsFrom(ctx, from)) {
+    if (entries.length < cap) {
+      entries.push(r);
+      continue;
+    }
+    const last = entries[entries.length - 1]!;
+    if (r.region_id !== last.region_id) return { entries, next: r.region_id as number };
+    if (entries.length > 1) {
+      entries.pop();
+      return { entries, next: last.region_id as number };
+    }
+    entries.push(r); // a page of one arena would repeat for ever: take its first mapping too
+  }
+  return { entries, next: null };
+}
+
+export function allocationsPage(ctx: ExecContext, from: number, max: number): Page<AllocationSummary> {
+  if (from < 0) return { entries: [], next: null };
+  const cap = Math.max(1, Math.min(max, ALLOCATIONS_PER_PAGE));
+  const entries: AllocationSummary[] = [];
+  for (const a of ctx.allocator.allocations()) {
+    if (a.start < from) continue;
+    if (entries.length === cap) return { entries, next: a.start };
+    entries.push({ alloc: a.alloc, start: a.start, size: a.size });
+  }
+  return { entries, next: null };
+}
+
+function getState(ctx: ExecContext): VmMemoryResponse {
+  // Both lists share the packet: half a page each.
+  const regions = regionsPage(ctx, 0, Math.floor(REGIONS_PER_PAGE / 2));
+  const allocations = allocationsPage(ctx, 0, Math.floor(ALLOCATIONS_PER_PAGE / 2));
   return {
     State: {
       ram: ctx.vm.ram.map((r) => [r.guest, r.size] as GuestRange),
-      regions,
-      allocations: [...ctx.allocator.allocations()].map((a) => ({ alloc: a.alloc, start: a.start, size: a.size })),
+      regions: regions.entries,
+      regions_next: regions.next,
+      allocations: allocations.entries,
+      allocations_next: allocations.next,
       slots_used: ctx.vm.slotsUsed(),
       slots_max: ctx.vm.slotsMax,
-      freed_bytes: ctx.state.freedBytes,
+      freed_bytes: ctx.state.freed.total,
       balloon_target: ctx.state.balloonTarget,
       vcpu: ctx.vcpu?.() ?? null,
     },
   };
+}
+
+/** MmapAndRegisterMemory with every file mapping at hand (in-process callers and tests). */
+export function mmapAndRegister(ctx: ExecContext, shm: SharedMemory, dest: VmMemoryDestination, files: readonly VmMemoryFileMapping[]): VmMemoryResponse {
+  let reg: MmapRegistration | Refusal;
+  try {
+    reg = MmapRegistration.start(ctx, shm, dest);
+  } catch (e) {
+    return errResponse(e);
+  }
+  if (reg instanceof Refusal) return errResponse(reg);
+  const bad = reg.add(files);
+  if (bad !== null) {
+    reg.abort();
+    return errResponse(bad);
+  }
+  return reg.finish();
 }

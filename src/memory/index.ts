@@ -1,5 +1,4 @@
 export * from "./error";
-export * from "./request";
 export * from "./interval_map";
 export * from "./number_map";
 export * from "./allocator";

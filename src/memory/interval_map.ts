@@ -91,16 +91,28 @@ export class IntervalMap<V> {
   }
 
   *entries(): IterableIterator<{ start: number; end: number; value: V }> {
+    yield* this.entriesFrom(-Infinity);
+  }
+
+  /**
+   * In order, the entries that end after `from` (the one containing `from`, then every
+   * later one): a page of a listing costs O(log n) plus its length, not the whole map.
+   */
+  *entriesFrom(from: number): IterableIterator<{ start: number; end: number; value: V }> {
     const stack: Node<V>[] = [];
+    // The path to the first entry ending after `from`; entries are disjoint, so ends are
+    // in the same order as starts.
     let n = this.root;
-    while (n !== null || stack.length > 0) {
-      while (n !== null) {
+    while (n !== null) {
+      if (n.end > from) {
         stack.push(n);
         n = n.left;
-      }
-      n = stack.pop()!;
-      yield n;
-      n = n.right;
+      } else n = n.right;
+    }
+    while (stack.length > 0) {
+      const top = stack.pop()!;
+      yield top;
+      for (let c = top.right; c !== null; c = c.left) stack.push(c);
     }
   }
 }

@@ -3,7 +3,8 @@
 import type { GuestAddress, MemSlot } from "../kvm";
 import { IntervalMap } from "./interval_map";
 import { NumberMap } from "./number_map";
-import type { Alloc, U64 } from "./request";
+import { RangeSet } from "./range_set";
+import type { Alloc, U64 } from "../protocol/messages";
 
 /** A registered region's id is its first guest physical byte (crosvm's VmMemoryRegionId). */
 export type RegionId = GuestAddress;
@@ -32,7 +33,8 @@ export class RegionState {
   readonly top = new IntervalMap<Region | PreparedArena>();
   /** Prepared arenas by allocKey(alloc). */
   readonly arenas = new Map<string, PreparedArena>();
-  freedBytes = 0;
+  /** Guest RAM given back by DynamicallyFreeMemoryRanges and not reclaimed since. */
+  readonly freed = new RangeSet();
   balloonTarget: U64 | null = null;
 }
 

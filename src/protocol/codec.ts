@@ -1,242 +1,434 @@
-// MessagePack codec and descriptor indices (PROTOCOL.md, "Transport", "Value shapes").
-import { Decoder, Encoder } from "@msgpack/msgpack";
-import type * as z from "zod/mini";
-import { failure, VmMemoryError } from "../memory/error";
-import { descriptorSlots, type VmMemoryFileMapping, type VmMemoryRequest, type VmMemoryResponse } from "../memory/request";
-import { fastRequest, fastResponse } from "./fast";
-import { hotRequest } from "./hot";
-import { decodePlain, encodePlain, NOT_PLAIN } from "./plain_msgpack";
-import { schemas } from "./schema";
+// Packets to typed messages and back, in either encoding, by walking the shapes of
+// messages.ts: validation, descriptor indices and error paths come from the shapes, so
+// nothing here knows any one message. A malformed packet is a Refusal value (EINVAL, with
+// the path to what is wrong), never an exception.
+import { Refusal } from "../memory/error";
+import { JsonReader, JsonWriter, startsJson } from "./json";
+import {
+  FileMappingChunk,
+  VmMemoryRequest,
+  VmMemoryResponse,
+  type VmMemoryFileMapping,
+  type VmMemoryRequest as Request,
+  type VmMemoryResponse as Response,
+} from "./messages";
+import { MsgpackReader, MsgpackWriter } from "./msgpack";
+import { array, i32, nullable, str, struct, type EnumShape, type Field, type Shape, type UintShape } from "./shape";
+import {
+  BROKEN,
+  DONE,
+  JSON_ENCODING,
+  MORE,
+  MSGPACK,
+  T_BIN,
+  T_NUMBER,
+  type Encoding,
+  type WireReader,
+  type WireWriter,
+} from "./wire_io";
 
-/** The largest packet body either side sends or accepts. */
-export const MAX_PACKET = 65536;
+export { JSON_ENCODING, MSGPACK, type Encoding } from "./wire_io";
 
-// One reused Encoder/Decoder each (BUN_NOTES.md: ~0.9 µs encode+decode when reused).
-// useBigInt64: uint 64 / int 64 decode as BigInt and BigInts encode as uint 64 / int 64.
-const encoder = new Encoder({ useBigInt64: true, initialBufferSize: 4096 });
-/**
- * Map keys repeat in every packet ("BalloonTargetReached", "descriptor", ...). The library's
- * own key cache stops at 16 bytes, shorter than most variant names: this one keeps keys up
- * to 32 bytes, a few per length, compared byte by byte.
- */
-class KeyCache {
-  private readonly byLength: { bytes: Uint8Array; key: string }[][] = Array.from({ length: 33 }, () => []);
-  private readonly utf8 = new TextDecoder();
-  canBeCached(byteLength: number): boolean {
-    return byteLength > 0 && byteLength <= 32;
+const EINVAL = 22;
+
+/** The encoding of a packet body, from its first byte (docs/protocol.md, "Transport"). */
+export function encodingOf(buf: Uint8Array, start: number, end: number): Encoding {
+  return end > start && startsJson(buf[start]!) ? JSON_ENCODING : MSGPACK;
+}
+
+// ---- decoding ----------------------------------------------------------------
+
+const FAIL = Symbol("malformed");
+type Out = unknown;
+
+/** The descriptors of the packet being decoded, and which have been referenced. */
+class Descriptors {
+  fds: readonly number[] = [];
+  readonly used = new Uint8Array(256);
+  /** The packet's descriptors were cut short (MSG_CTRUNC): any index reads as -1. */
+  lost = false;
+  reset(fds: readonly number[], lost: boolean): void {
+    this.fds = fds;
+    this.lost = lost;
+    this.used.fill(0, 0, Math.min(fds.length, 256));
   }
-  decode(bytes: Uint8Array, offset: number, byteLength: number): string {
-    const bucket = this.byLength[byteLength]!;
-    outer: for (const e of bucket) {
-      for (let i = 0; i < byteLength; i++) if (e.bytes[i] !== bytes[offset + i]) continue outer;
-      return e.key;
+}
+
+/** Decode state: the failure's path (innermost first) and cause. */
+class Walk {
+  readonly d = new Descriptors();
+  readonly path: string[] = [];
+  why = "";
+  errno = EINVAL;
+
+  fail(why: string): typeof FAIL {
+    this.why = why;
+    return FAIL;
+  }
+}
+
+const walk = new Walk();
+const msgpackReader = new MsgpackReader();
+const jsonReader = new JsonReader();
+
+function readerFor(enc: Encoding, buf: Uint8Array, start: number, end: number): WireReader {
+  return enc === JSON_ENCODING ? jsonReader.reset(buf, start, end) : msgpackReader.reset(buf, start, end);
+}
+
+function uint(s: UintShape<unknown>, r: WireReader, w: Walk): Out {
+  if (r.peek() !== T_NUMBER) return w.fail(`expected ${s.name}`);
+  const v = r.readUint(s.max, s.numberMax);
+  return v === -1 ? w.fail(r.why) : v;
+}
+
+function decode(s: Shape, r: WireReader, w: Walk): Out {
+  switch (s.kind) {
+    case "uint":
+      return uint(s, r, w);
+    case "int": {
+      const v = r.readInt(s.min, s.max);
+      return Number.isNaN(v) ? w.fail(`expected ${s.name}`) : v;
     }
-    const key = this.utf8.decode(bytes.subarray(offset, offset + byteLength));
-    if (bucket.length < 16) bucket.push({ bytes: bytes.slice(offset, offset + byteLength), key });
-    return key;
-  }
-}
-
-const decoder = new Decoder({ useBigInt64: true, maxStrLength: MAX_PACKET, maxBinLength: MAX_PACKET, keyDecoder: new KeyCache() });
-
-/**
- * Rewrites integers of 2^32 and above as BigInt, in place, so they go out as uint 64
- * rather than float 64 (the encoder's choice for large JS numbers).
- */
-function widen(v: unknown): unknown {
-  if (typeof v === "number") return v >= 2 ** 32 && Number.isInteger(v) ? BigInt(v) : v;
-  if (typeof v !== "object" || v === null || v instanceof Uint8Array) return v;
-  if (Array.isArray(v)) {
-    for (let i = 0; i < v.length; i++) v[i] = widen(v[i]);
-    return v;
-  }
-  const o = v as Record<string, unknown>;
-  for (const k in o) o[k] = widen(o[k]);
-  return o;
-}
-
-const OK_BYTES = encoder.encode("Ok").slice();
-
-/** Encodes a value; the bytes are valid until the next encode (copy to keep them). */
-export function encodeValue(value: unknown): Uint8Array {
-  if (value === "Ok") return OK_BYTES;
-  const plain = encodePlain(value);
-  if (plain !== NOT_PLAIN) return plain;
-  return encodeValueGeneral(value);
-}
-
-/** The general encoder alone (what encodePlain must agree with). Rewrites `value` in place. */
-export function encodeValueGeneral(value: unknown): Uint8Array {
-  return encoder.encode(widen(value));
-}
-
-export function decodeValue(body: Uint8Array): unknown {
-  if (body.byteLength === 0) throw new VmMemoryError(22, "empty packet").context("malformed packet");
-  const plain = decodePlain(body);
-  if (plain !== NOT_PLAIN) return plain;
-  try {
-    return decoder.decode(body);
-  } catch (e) {
-    throw new VmMemoryError(22, `not a single MessagePack value: ${(e as Error).message}`).context("malformed packet");
-  }
-}
-
-type Issue = z.core.$ZodIssue;
-const MISSING = Symbol("missing");
-
-function at(value: unknown, path: readonly PropertyKey[]): unknown {
-  let v = value;
-  for (const k of path) {
-    if (typeof v !== "object" || v === null || !Object.hasOwn(v, k)) return MISSING;
-    v = (v as Record<PropertyKey, unknown>)[k];
-  }
-  return v;
-}
-
-/**
- * The most telling issue. Inside a union (an externally tagged enum), the branch whose
- * tag the value carries; a branch that only says its tag is missing tells nothing.
- */
-function deepest(issue: Issue, value: unknown, base: readonly PropertyKey[]): { path: PropertyKey[]; issue: Issue } {
-  const path = [...base, ...issue.path];
-  if (issue.code !== "invalid_union" || issue.errors.length === 0) return { path, issue };
-  let best: { path: PropertyKey[]; issue: Issue } | undefined;
-  for (const branch of issue.errors) {
-    if (branch.length === 0) continue;
-    const d = deepest(branch[0]!, value, path);
-    if (d.path.length > path.length && at(value, d.path.slice(0, path.length + 1)) === MISSING) continue; // its tag is not there
-    if (best === undefined || d.path.length > best.path.length) best = d;
-  }
-  return best ?? { path, issue };
-}
-
-function describe(issue: Issue, value: unknown): string {
-  if (value === MISSING) return "is missing";
-  switch (issue.code) {
-    case "invalid_type":
-      return `expected ${issue.expected}`;
-    case "too_small":
-      return issue.origin === "array" ? `needs at least ${issue.minimum} elements` : `must be at least ${issue.minimum}`;
-    case "too_big":
-      return issue.origin === "array" ? `takes at most ${issue.maximum} elements` : `must be at most ${issue.maximum}`;
-    case "unrecognized_keys":
-      return `unknown key${issue.keys.length > 1 ? "s" : ""} ${issue.keys.map((k) => JSON.stringify(k)).join(", ")}`;
-    case "invalid_value":
-      return `must be one of ${issue.values.map((v) => JSON.stringify(v)).join(", ")}`;
-    case "invalid_union": {
-      // No branch's tag is present: name the tags that would be.
-      const tags = issue.errors.flatMap((b) => (b[0] !== undefined && b[0].path.length > 0 ? [String(b[0].path[0])] : []));
-      return tags.length > 0 ? `expected one of ${tags.join(", ")}` : "matches none of the allowed shapes";
+    case "bool": {
+      const v = r.readBool();
+      return v < 0 ? w.fail("expected a boolean") : v === 1;
     }
-    default:
-      return issue.message;
-  }
-}
-
-function schemaError(what: string, err: z.core.$ZodError, value: unknown, prefix?: string): VmMemoryError {
-  const { path, issue } = deepest(err.issues[0]!, value, []);
-  const parts = [...(prefix === undefined ? [] : [prefix]), ...path.map(String)];
-  const where = parts.length > 0 ? parts.join(".") : "(top level)";
-  return new VmMemoryError(22, `${where}: ${describe(issue, at(value, path))}`).context(`malformed ${what}`);
-}
-
-function isPlainMap(v: unknown): v is Record<string, unknown> {
-  return typeof v === "object" && v !== null && !Array.isArray(v) && !(v instanceof Uint8Array);
-}
-
-/** A decoded value as a typed request, with descriptor indices still in the descriptor fields. */
-export function parseRequest(value: unknown): VmMemoryRequest {
-  return fastRequest(value) ?? parseRequestBySchema(value);
-}
-
-/** parseRequest without the fast path: the schema's own answer (tests compare the two). */
-export function parseRequestBySchema(value: unknown): VmMemoryRequest {
-  const { requestPayloads, unitRequests } = schemas();
-  if (typeof value === "string") {
-    if ((unitRequests as readonly string[]).includes(value)) return value as VmMemoryRequest;
-    throw failure("EINVAL", `unknown request variant "${value}"`).context("malformed request");
-  }
-  if (!isPlainMap(value)) throw failure("EINVAL", "a request must be a string or a map with one key").context("malformed request");
-  const keys = Object.keys(value);
-  if (keys.length !== 1) {
-    throw failure("EINVAL", `a request map must have exactly one key (the variant), not ${keys.length}`).context("malformed request");
-  }
-  const variant = keys[0]!;
-  // Object.hasOwn: "constructor" or "toString" must not find Object.prototype's members.
-  const schema = Object.hasOwn(requestPayloads, variant) ? requestPayloads[variant as keyof typeof requestPayloads] : undefined;
-  if (schema === undefined) throw failure("EINVAL", `unknown request variant "${variant}"`).context("malformed request");
-  const parsed = schema.safeParse(value[variant]);
-  if (!parsed.success) throw schemaError("request", parsed.error, value[variant], variant);
-  return { [variant]: parsed.data } as VmMemoryRequest;
-}
-
-/**
- * Replaces descriptor indices with the packet's descriptors. Every attached descriptor
- * must be referenced exactly once (PROTOCOL.md); otherwise EINVAL, and the caller,
- * who owns `fds`, closes them all.
- */
-export function resolveDescriptors(holders: { holder: Record<string, unknown>; key: string }[], fds: readonly number[]): void {
-  if (holders.length === 0 && fds.length === 0) return;
-  if (holders.length === 1 && fds.length === 1 && holders[0]!.holder[holders[0]!.key] === 0) {
-    holders[0]!.holder[holders[0]!.key] = fds[0]; // the common case: one descriptor, index 0
-    return;
-  }
-  const used = new Uint8Array(fds.length);
-  for (const { holder, key } of holders) {
-    const index = holder[key] as number;
-    if (index >= fds.length) {
-      throw failure("EINVAL", `descriptor index ${index} is out of range: the packet carries ${fds.length}`).context("malformed request");
+    case "str":
+      return r.readString() ? r.tokenText() : w.fail(r.why || "expected a string");
+    case "fd": {
+      if (r.peek() !== T_NUMBER) return w.fail("expected a descriptor index");
+      const index = r.readUint(255n, 255);
+      const d = w.d;
+      if (d.lost) return index === -1 ? w.fail(r.why) : -1;
+      if (index === -1 || (index as number) >= d.fds.length) {
+        return w.fail(`descriptor index ${index === -1 ? "" : `${index} `}is out of range: the packet carries ${d.fds.length}`);
+      }
+      const i = index as number;
+      if (d.used[i]++ !== 0) return w.fail(`descriptor index ${i} is referenced twice`);
+      return d.fds[i];
     }
-    if (used[index]++ !== 0) throw failure("EINVAL", `descriptor index ${index} is referenced twice`).context("malformed request");
+    case "uuid": {
+      if (r.peek() === T_BIN) {
+        const b = r.readBin();
+        return b !== null && b.length === 16 ? b : w.fail("must be 16 bytes");
+      }
+      const bytes = decode(UUID_ARRAY, r, w);
+      if (bytes === FAIL) return FAIL;
+      return (bytes as number[]).length === 16 ? Uint8Array.from(bytes as number[]) : w.fail("must be 16 bytes");
+    }
+    case "nullable":
+      return r.readNil() ? null : decode(s.of, r, w);
+    case "struct":
+      return decodeStruct(s.fields, r, w);
+    case "enum":
+      return decodeEnum(s, r, w);
+    case "tuple": {
+      if (!r.arrayStart()) return w.fail(r.why || `expected an array of ${s.items.length}`);
+      const out: Out[] = [];
+      for (let i = 0; i < s.items.length; i++) {
+        const n = r.nextItem();
+        if (n !== MORE) return w.fail(n === BROKEN ? r.why : `expected an array of ${s.items.length}`);
+        const v = decode(s.items[i]!, r, w);
+        if (v === FAIL) return at(w, String(i));
+        out.push(v);
+      }
+      const n = r.nextItem();
+      return n === DONE ? out : w.fail(n === BROKEN ? r.why : `expected an array of ${s.items.length}`);
+    }
+    case "array": {
+      if (!r.arrayStart()) return w.fail(r.why || "expected an array");
+      const out: Out[] = [];
+      for (;;) {
+        const n = r.nextItem();
+        if (n === DONE) break;
+        if (n === BROKEN) return w.fail(r.why);
+        if (out.length === s.max) return w.fail(`takes at most ${s.max} elements`);
+        const v = decode(s.of, r, w);
+        if (v === FAIL) return at(w, String(out.length));
+        out.push(v);
+      }
+      return out.length >= s.min ? out : w.fail(`needs at least ${s.min} element${s.min === 1 ? "" : "s"}`);
+    }
+    case "errchain":
+      return decodeErr(r, w);
   }
-  const unused = used.indexOf(0);
-  if (unused !== -1) {
-    throw failure("EINVAL", `descriptor ${unused} of ${fds.length} attached is not referenced`).context("malformed request");
+}
+
+/** Adds a path segment to a failure on its way out. */
+function at(w: Walk, segment: string): typeof FAIL {
+  w.path.push(segment);
+  return FAIL;
+}
+
+function decodeStruct(fields: readonly Field[], r: WireReader, w: Walk): Out {
+  if (!r.mapStart()) return w.fail(r.why || "expected a map");
+  const out: Record<string, unknown> = {};
+  let seen = 0; // a bit per field: structs have far fewer than 32
+  let count = 0;
+  for (;;) {
+    const n = r.nextKey();
+    if (n === DONE) break;
+    if (n === BROKEN) return w.fail(r.why);
+    // The sender's order is usually the declaration order: try the next field first.
+    let i = count < fields.length && r.tokenIs(fields[count]!.bytes) ? count : -1;
+    if (i === -1) for (let j = 0; j < fields.length && i === -1; j++) if (r.tokenIs(fields[j]!.bytes)) i = j;
+    if (i === -1) {
+      if (r.strictFields) return w.fail(`unknown field ${JSON.stringify(r.tokenText())}`);
+      const name = r.tokenText();
+      if (!r.skip()) return at(w, name), w.fail(r.why);
+      continue;
+    }
+    const f = fields[i]!;
+    if (seen & (1 << i)) return w.fail(`duplicate field "${f.name}"`);
+    seen |= 1 << i;
+    count++;
+    const v = decode(f.shape, r, w);
+    if (v === FAIL) return at(w, f.name);
+    out[f.name] = v;
   }
-  for (const { holder, key } of holders) holder[key] = fds[holder[key] as number];
+  if (count < fields.length) {
+    for (let i = 0; i < fields.length; i++) {
+      if (seen & (1 << i)) continue;
+      const f = fields[i]!;
+      // A missing Option is None, as serde's derive has it.
+      if (f.shape.kind === "nullable") out[f.name] = null;
+      else return at(w, f.name), w.fail("is missing");
+    }
+  }
+  return out;
+}
+
+function variantNames(s: EnumShape<unknown>): string {
+  return s.variants.map((v) => v.name).join(", ");
+}
+
+function decodeEnum(s: EnumShape<unknown>, r: WireReader, w: Walk): Out {
+  const variants = s.variants;
+  if (r.readString()) {
+    for (let i = 0; i < variants.length; i++) {
+      const v = variants[i]!;
+      if (!r.tokenIs(v.bytes)) continue;
+      return v.shape === null ? v.name : w.fail(`${v.name} needs a payload: {"${v.name}": …}`);
+    }
+    return w.fail(`unknown ${s.name} variant ${JSON.stringify(r.tokenText())} (expected one of ${variantNames(s)})`);
+  }
+  if (r.why !== "") return w.fail(r.why);
+  if (!r.mapStart()) return w.fail(r.why || `expected a ${s.name}: a string or a map with one key (the variant)`);
+  let n = r.nextKey();
+  if (n !== MORE) return w.fail(n === BROKEN ? r.why : `expected a ${s.name}: a map with exactly one key (the variant), not none`);
+  let variant = -1;
+  for (let i = 0; i < variants.length && variant === -1; i++) if (r.tokenIs(variants[i]!.bytes)) variant = i;
+  if (variant === -1) return w.fail(`unknown ${s.name} variant ${JSON.stringify(r.tokenText())} (expected one of ${variantNames(s)})`);
+  const v = variants[variant]!;
+  let payload: Out;
+  if (v.shape === null) {
+    // serde_json takes {"Unit": null} for a unit variant too.
+    if (!r.readNil()) return at(w, v.name), w.fail("a unit variant takes null or no payload");
+    payload = v.name;
+  } else {
+    payload = decode(v.shape, r, w);
+    if (payload === FAIL) return at(w, v.name);
+  }
+  n = r.nextKey();
+  if (n !== DONE) return w.fail(n === BROKEN ? r.why : `expected a ${s.name}: a map with exactly one key (the variant)`);
+  if (v.shape === null) return payload;
+  const out: Record<string, unknown> = {};
+  out[v.name] = payload;
+  return out;
+}
+
+const UUID_ARRAY = array({ kind: "uint", max: 255n, numberMax: 255, name: "u8" }, { max: 16 });
+/** The Err payload in MessagePack, and in JSON (crosvm's FlatVmMemoryResponseError). */
+const MSGPACK_ERR = struct({ errno: nullable(i32), chain: array(str, { min: 1 }) });
+const JSON_ERR = array(str, { min: 1 });
+/** How Rust's io::Error ends its Display: "Invalid argument (os error 22)". */
+const OS_ERROR = / \(os error (-?\d+)\)$/;
+
+function decodeErr(r: WireReader, w: Walk): Out {
+  if (r.encoding === MSGPACK) return decode(MSGPACK_ERR, r, w);
+  const chain = decode(JSON_ERR, r, w);
+  if (chain === FAIL) return FAIL;
+  const c = chain as string[];
+  const m = OS_ERROR.exec(c[0]!);
+  if (m === null) return { errno: null, chain: c };
+  c[0] = c[0]!.slice(0, m.index);
+  return { errno: Number(m[1]), chain: c };
+}
+
+/** Decodes one value of `shape` from the whole of [start, end); a Refusal says what is wrong. */
+function decodePacket(
+  shape: Shape,
+  buf: Uint8Array,
+  start: number,
+  end: number,
+  fds: readonly number[],
+  enc: Encoding,
+  what: string,
+  fdsLost = false,
+): unknown {
+  const w = walk;
+  w.path.length = 0;
+  w.why = "";
+  w.d.reset(fds, fdsLost);
+  if (end <= start) return new Refusal(EINVAL, ["empty packet", `malformed ${what}`]);
+  const r = readerFor(enc, buf, start, end);
+  const v = decode(shape, r, w);
+  let why = "";
+  if (v === FAIL) why = w.why;
+  else if (!r.atEnd()) why = "trailing bytes after the value";
+  else if (!fdsLost) {
+    for (let i = 0; i < fds.length; i++) {
+      if (w.d.used[i] === 0) {
+        why = `descriptor ${i} of ${fds.length} attached is not referenced`;
+        break;
+      }
+    }
+  }
+  if (why === "") return v;
+  const path = w.path.reverse().join(".");
+  return new Refusal(EINVAL, [path === "" ? why : `${path}: ${why}`, `malformed ${what}`]);
 }
 
 /**
- * Decodes one request packet, bytes [start, end) of `buf` (the server reads in place: a
- * view is made only off the hot path); descriptor fields come back as the packet's
- * descriptors.
+ * One request packet, bytes [start, end) of `buf` (read in place), with its descriptors:
+ * descriptor fields come back holding them. Every attached descriptor must be referenced
+ * exactly once; the caller owns (and closes) them whatever the outcome.
  */
-export function decodeRequest(buf: Uint8Array, fds: readonly number[], start = 0, end = buf.length): VmMemoryRequest {
-  return hotRequest(buf, fds, start, end) ?? decodeRequestGeneral(buf.subarray(start, end), fds);
+export function decodeRequest(buf: Uint8Array, start: number, end: number, fds: readonly number[], enc: Encoding): Request | Refusal {
+  return decodePacket(VmMemoryRequest, buf, start, end, fds, enc, "request") as Request | Refusal;
 }
 
-/** decodeRequest without the hot path (./hot.ts): what that path must agree with. */
-export function decodeRequestGeneral(body: Uint8Array, fds: readonly number[]): VmMemoryRequest {
-  const req = parseRequest(decodeValue(body));
-  resolveDescriptors(descriptorSlots(req), fds);
-  return req;
+/**
+ * A request whose descriptors were cut short by the kernel (MSG_CTRUNC), decoded only to
+ * learn what it is (its descriptor fields read -1): an MmapAndRegisterMemory among them
+ * still has chunks to come, and its one answer must come after them.
+ */
+export function decodeRequestShape(buf: Uint8Array, start: number, end: number, enc: Encoding): Request | Refusal {
+  return decodePacket(VmMemoryRequest, buf, start, end, [], enc, "request", true) as Request | Refusal;
 }
 
-/** Decodes one MmapAndRegisterMemory follow-up packet. */
-export function decodeFileMappings(body: Uint8Array, fds: readonly number[]): VmMemoryFileMapping[] {
-  const value = decodeValue(body);
-  const parsed = schemas().fileMappingChunk.safeParse(value);
-  if (!parsed.success) throw schemaError("file mapping chunk", parsed.error, value);
-  const mappings = parsed.data as VmMemoryFileMapping[];
-  resolveDescriptors(
-    mappings.map((m) => ({ holder: m as unknown as Record<string, unknown>, key: "file" })),
-    fds,
-  );
-  return mappings;
+/** One MmapAndRegisterMemory follow-up packet. */
+export function decodeFileMappings(
+  buf: Uint8Array,
+  start: number,
+  end: number,
+  fds: readonly number[],
+  enc: Encoding,
+): VmMemoryFileMapping[] | Refusal {
+  return decodePacket(FileMappingChunk, buf, start, end, fds, enc, "file mapping chunk") as VmMemoryFileMapping[] | Refusal;
 }
 
-export function encodeResponse(resp: VmMemoryResponse): Uint8Array {
-  return encodeValue(resp);
+/** Client side: a response packet (a malformed one is a Refusal the client reports). */
+export function decodeResponse(body: Uint8Array, fds: readonly number[] = []): Response | Refusal {
+  const enc = encodingOf(body, 0, body.length);
+  // A response's descriptors (GetGuestMemory) are all referenced, as a request's are.
+  return decodePacket(VmMemoryResponse, body, 0, body.length, fds, enc, "response") as Response | Refusal;
 }
 
-/** Client side: a response packet as a typed response (a malformed one throws). */
-export function decodeResponse(body: Uint8Array): VmMemoryResponse {
-  const value = decodeValue(body);
-  return fastResponse(value) ?? parseResponseBySchema(value);
+// ---- encoding ----------------------------------------------------------------
+
+const msgpackWriter = new MsgpackWriter();
+const jsonWriter = new JsonWriter();
+
+function encode(s: Shape, v: unknown, w: WireWriter): void {
+  switch (s.kind) {
+    case "uint":
+      return w.uint(v as number | bigint);
+    case "int":
+      return w.int(v as number);
+    case "bool":
+      return w.bool(v as boolean);
+    case "str":
+      return w.str(v as string);
+    case "fd":
+      w.fds.push(v as number);
+      return w.uint(w.fds.length - 1);
+    case "uuid":
+      return w.bin16(v as Uint8Array);
+    case "nullable":
+      return v === null || v === undefined ? w.nil() : encode(s.of, v, w);
+    case "struct": {
+      const o = v as Record<string, unknown>;
+      const fields = s.fields;
+      w.mapStart(fields.length);
+      for (let i = 0; i < fields.length; i++) {
+        const f = fields[i]!;
+        w.key(i, f.bytes);
+        encode(f.shape, o[f.name], w);
+      }
+      return w.mapEnd();
+    }
+    case "enum": {
+      let name: string | undefined;
+      if (typeof v === "string") name = v;
+      else for (const k in v as object) name ??= k;
+      const i = name === undefined ? undefined : s.byName.get(name);
+      if (i === undefined) throw new TypeError(`not a ${s.name}: ${String(name ?? v)}`);
+      const variant = s.variants[i]!;
+      if (variant.shape === null) return w.name(variant.bytes);
+      w.mapStart(1);
+      w.key(0, variant.bytes);
+      encode(variant.shape, (v as Record<string, unknown>)[name!], w);
+      return w.mapEnd();
+    }
+    case "tuple": {
+      const a = v as unknown[];
+      w.arrayStart(s.items.length);
+      for (let i = 0; i < s.items.length; i++) {
+        w.item(i);
+        encode(s.items[i]!, a[i], w);
+      }
+      return w.arrayEnd();
+    }
+    case "array": {
+      const a = v as unknown[];
+      w.arrayStart(a.length);
+      for (let i = 0; i < a.length; i++) {
+        w.item(i);
+        encode(s.of, a[i], w);
+      }
+      return w.arrayEnd();
+    }
+    case "errchain": {
+      const e = v as { errno: number | null; chain: string[] };
+      if (w.encoding === MSGPACK) return encode(MSGPACK_ERR, e, w);
+      const chain = e.errno === null ? e.chain : [`${e.chain[0] ?? ""} (os error ${e.errno})`, ...e.chain.slice(1)];
+      return encode(JSON_ERR, chain, w);
+    }
+  }
 }
 
-export function parseResponseBySchema(value: unknown): VmMemoryResponse {
-  const parsed = schemas().response.safeParse(value);
-  if (!parsed.success) throw schemaError("response", parsed.error, value);
-  return parsed.data as VmMemoryResponse;
+function encodeWith(s: Shape, v: unknown, enc: Encoding): WireWriter {
+  const w = enc === JSON_ENCODING ? jsonWriter : msgpackWriter;
+  w.reset();
+  encode(s, v, w);
+  return w;
+}
+
+/** A response's bytes in `enc`; valid until the next encode (copy to keep them). */
+export function encodeResponse(resp: Response, enc: Encoding): Uint8Array {
+  return encodeWith(VmMemoryResponse, resp, enc).bytes();
+}
+
+/** A message ready for the wire: its body and the descriptors to attach, in index order. */
+export interface Packet {
+  body: Uint8Array;
+  fds: number[];
+}
+
+/** Client side: a request whose descriptor fields hold real descriptors, as a packet. */
+export function encodeRequest(req: Request, enc: Encoding = MSGPACK): Packet {
+  const w = encodeWith(VmMemoryRequest, req, enc);
+  return { body: w.bytes().slice(), fds: w.fds.slice() };
+}
+
+/** Client side: one MmapAndRegisterMemory follow-up packet. */
+export function encodeFileMappings(chunk: VmMemoryFileMapping[], enc: Encoding = MSGPACK): Packet {
+  const w = encodeWith(FileMappingChunk, chunk, enc);
+  return { body: w.bytes().slice(), fds: w.fds.slice() };
+}
+
+/** Whether a decode result is a refusal rather than a message. */
+export function isRefusal(v: unknown): v is Refusal {
+  return v instanceof Refusal;
 }

@@ -1,2 +1,2 @@
 export * from "./codec";
-export * as schema from "./schema";
+export * from "./messages";

@@ -1,35 +1,22 @@
-// The socket server: an AF_UNIX SOCK_SEQPACKET listener and an epoll loop on the
-// main thread. It knows sockets, ordering and descriptor ownership, not memory
-// semantics: every request goes to memory's execute().
+// The socket server: an AF_UNIX SOCK_SEQPACKET listener and an epoll loop on the main
+// thread. It knows sockets, connections, turns and throttling; what a packet means is
+// requests.ts's concern, what a peer holds is ledger.ts's.
 import * as sys from "../sys";
-import { execute, type ExecContext, VmMemoryError, failure, NumberMap } from "../memory";
-import { regionIdOf } from "../memory/region_state";
-import {
-  requestDescriptors,
-  type Datamatch,
-  type U64,
-  type VmMemoryFileMapping,
-  type VmMemoryRequest,
-  type VmMemoryResponse,
-} from "../memory/request";
-import { decodeFileMappings, decodeRequest, encodeResponse, MAX_PACKET } from "../protocol";
+import { errResponse, Refusal, type ExecContext } from "../memory";
+import { encodeResponse, MAX_PACKET, type Encoding, type VmMemoryResponse } from "../protocol";
+import { Connection } from "./connection";
+import { DEFAULT_BUDGETS, Ledger, type Budgets } from "./ledger";
 import type { Logger } from "./log";
+import { Requests, type RequestLimits } from "./requests";
 
-export interface ServerOptions {
+export interface ServerOptions extends RequestLimits {
   socketPath: string;
-  /** Mode of the socket file (PROTOCOL.md: 0600 unless told otherwise). */
+  /** Mode of the socket file (0600 unless told otherwise). */
   socketMode: number;
   maxConnections: number;
-  /** MmapAndRegisterMemory's num_file_mappings above this is refused at once. */
-  maxFileMappings: number;
   /** Users allowed to connect; empty means any user who can open the socket file. */
   allowUids: number[];
-  /** Largest request body accepted (at most the protocol's 65536). */
-  maxPacket: number;
-  /** Descriptors accepted in one packet (at most the kernel's SCM_MAX_FD, 253). */
-  maxFdsPerPacket: number;
-  /** Live regions one connection may have registered. */
-  maxRegionsPerConnection: number;
+  budgets: Budgets;
   /** Remove a connection's regions and ioevents when it disconnects (crosvm does not). */
   releaseOnDisconnect: boolean;
   log: Logger;
@@ -42,7 +29,7 @@ export const DEFAULT_SERVER_OPTIONS = {
   allowUids: [] as number[],
   maxPacket: MAX_PACKET,
   maxFdsPerPacket: sys.SCM_MAX_FD,
-  maxRegionsPerConnection: 16384,
+  budgets: DEFAULT_BUDGETS,
   releaseOnDisconnect: false,
 };
 
@@ -52,49 +39,18 @@ export const DEFAULT_SERVER_OPTIONS = {
  * so a loop kept busy by clients still sees it within a wake-up or two.
  */
 const TICK_MS = 100;
-/** Packets read from one connection per wake-up before others get a turn. */
-const READ_BUDGET = 64;
-/** Packets per recvmmsg. */
+/**
+ * A connection's turn: how long it is read from before the others get theirs. Bounded in
+ * time, not packets, so a peer pipelining expensive requests delays another peer's round
+ * trip by about this much (plus the one request in hand).
+ */
+const TURN_MS = 1;
+/** Packets per recvmmsg, for a peer whose requests are cheap enough that a batch fits a turn. */
 const RECV_BATCH = 16;
 const READ_EVENTS = sys.EPOLLIN | sys.EPOLLRDHUP;
 // No EPOLLRDHUP here: a peer that has half-closed while responses wait would otherwise
 // wake the (level-triggered) loop over and over.
 const WRITE_EVENTS = sys.EPOLLOUT;
-
-/** An MmapAndRegisterMemory waiting for its follow-up packets; owns every descriptor received for it. */
-interface PendingMmap {
-  req: Extract<VmMemoryRequest, { MmapAndRegisterMemory: unknown }>;
-  /** Mappings still expected (a count above 2^53 never completes: the peer can only hang up). */
-  remaining: number;
-  mappings: VmMemoryFileMapping[];
-  /** Set when the request has already failed: its chunks are read and dropped, then this is the answer. */
-  failure: VmMemoryError | null;
-}
-
-/** An ioeventfd a connection registered, kept (with a dup of its eventfd) to remove on disconnect. */
-interface OwnedIoevent {
-  event: number;
-  addr: U64;
-  datamatch: Datamatch;
-}
-
-class Connection {
-  /** Responses that did not fit in the socket; while any wait, no request is read (throttle). */
-  readonly outbox: Uint8Array[] = [];
-  pending: PendingMmap | null = null;
-  /** The peer has finished sending: answer what is owed, then close. */
-  closing = false;
-  requests = 0;
-  /** Regions this connection registered and that are still live (a set: the values say nothing). */
-  readonly regions = new NumberMap<true>();
-  /** Only with --release-on-disconnect. */
-  readonly ioevents: OwnedIoevent[] = [];
-  constructor(
-    readonly fd: number,
-    readonly id: number,
-    readonly peer: sys.PeerCred,
-  ) {}
-}
 
 /** Extra descriptors in the epoll set (e.g. the vCPU's eventfd), with their handlers. */
 export type FdHandler = (events: number) => void;
@@ -104,13 +60,13 @@ export class Server {
   /** Single sends, for draining an outbox. */
   private readonly io = new sys.PacketIo(16);
   private readonly rx = new sys.BatchReceiver(RECV_BATCH, MAX_PACKET);
-  private readonly tx = new sys.BatchSender(READ_BUDGET, 256 * 1024);
+  private readonly tx = new sys.BatchSender(RECV_BATCH * 4, 256 * 1024);
   /** The connection whose responses are in `tx`. */
   private txConn: Connection | null = null;
   private readonly conns = new Map<number, Connection>();
   private readonly handlers = new Map<number, FdHandler>();
-  /** Which connection registered each live region (for per-connection limits and release). */
-  private readonly regionOwner = new NumberMap<Connection>();
+  readonly ledger: Ledger;
+  private readonly requests: Requests;
   /** A spare descriptor, given up to accept-and-close a connection when the table is full. */
   private reserveFd = -1;
   private listener = -1;
@@ -122,7 +78,10 @@ export class Server {
   constructor(
     private readonly ctx: ExecContext,
     private readonly opts: ServerOptions,
-  ) {}
+  ) {
+    this.ledger = new Ledger(opts.budgets, opts.releaseOnDisconnect);
+    this.requests = new Requests(ctx, this.ledger, opts, opts.log, (conn, resp, enc) => this.respond(conn, resp, enc));
+  }
 
   get connectionCount(): number {
     return this.conns.size;
@@ -197,8 +156,8 @@ export class Server {
    * The loop proper, synchronous: it returns when Bun's event loop is due a turn. Kept
    * out of the async run(): while it lived there, JSC threw run()'s optimised code away
    * and rebuilt it (an FTL compile of 8-19 ms on the serving CPU) every second or so under
-   * load (BUN_JSC_reportCompileTimes). Our guess at why: the closure each await makes is
-   * a cell that code refers to weakly, and it dies at the next GC.
+   * load. Our guess at why: the closure each await makes is a cell that code refers to
+   * weakly, and it dies at the next GC.
    */
   private serveUntilTurn(tick: sys.IntervalTimer): void {
     while (!this.stopping) {
@@ -283,26 +242,26 @@ export class Server {
   }
 
   /**
-   * Reads and answers what the connection has ready: packets come in batches (one
-   * recvmmsg), their responses leave in one sendmmsg per batch.
+   * Reads and answers what the connection has ready, for one turn (TURN_MS): packets come
+   * in batches (one recvmmsg) while they are cheap, their responses leave in one sendmmsg
+   * per batch. epoll is level-triggered, so what is left is read on the next turn.
    */
   private readAll(conn: Connection, events: number): void {
-    let budget = READ_BUDGET;
-    // Reads of one packet until a second one has come in this wake-up: a client waiting on
+    const turnStart = performance.now();
+    // One packet per read until a second one has come in this wake-up: a client waiting on
     // each answer sends one at a time, and recvmmsg for more tries the empty queue once
-    // more before it returns (about 0.5 µs; 1 µs of a 50 µs register cycle). Two in a row
-    // mean a client that pipelines: from then on, whole batches.
+    // more before it returns (about 1 µs of a 50 µs register cycle). Two in a row mean a
+    // client that pipelines: from then on, batches, while a batch fits in a turn.
     let batch = 1;
     let reads = 0;
-    while (budget > 0 && conn.outbox.length === 0 && !conn.closing) {
-      const want = Math.min(batch, budget);
-      const n = this.rx.recv(conn.fd, want);
+    while (conn.outbox.length === 0 && !conn.closing) {
+      const roundStart = reads === 0 ? turnStart : performance.now();
+      const n = this.rx.recv(conn.fd, batch);
       if (n === -1) {
         if (events & (sys.EPOLLHUP | sys.EPOLLERR)) this.disconnect(conn);
         return;
       }
-      if (++reads === 2) batch = RECV_BATCH;
-      budget -= n;
+      reads++;
       let i = 0;
       try {
         for (; i < n; i++) {
@@ -319,211 +278,28 @@ export class Server {
             conn.closing = true;
             return;
           }
-          this.handlePacket(conn, this.rx.bodyStart(i), this.rx.bodyEnd(i), len, flags, fds);
+          this.requests.packet(conn, this.rx.bodies, this.rx.bodyStart(i), this.rx.bodyEnd(i), len, flags, fds);
         }
         this.flushBatch(conn);
       } finally {
         // Descriptors of packets this batch did not get to (a failure or a hang-up midway).
         for (let j = i + 1; j < n; j++) for (const fd of this.rx.fds(j)) closeQuietly(fd);
       }
+      const now = performance.now();
+      if (now - turnStart >= TURN_MS) return;
+      // Batches only while a whole one would fit in what is left of the turn.
+      batch = reads >= 2 && ((now - roundStart) / n) * RECV_BATCH < TURN_MS ? RECV_BATCH : 1;
       // Loop until EAGAIN even after a short batch: a client woken by our responses often
       // has its next request queued by the time sendmmsg returns (one CPU, or pipelining).
-      // Measured against returning to epoll after a short batch: round trip 1.04× against
-      // 1.10×, Register+Unregister the same.
     }
-  }
-
-  /**
-   * One packet, bytes [start, end) of the receive buffer. Its descriptors belong to this
-   * call until a request is decoded; from then on the request owns them and exactly one
-   * path releases them: right after it executes, or, for an MmapAndRegisterMemory that
-   * waits for chunks, when it completes or the connection goes.
-   */
-  private handlePacket(conn: Connection, start: number, end: number, len: number, flags: number, fds: number[]): void {
-    conn.requests++;
-    const bodies = this.rx.bodies;
-    if (conn.pending !== null) return this.handleChunk(conn, bodies.subarray(start, end), len, flags, fds);
-    let req: VmMemoryRequest;
-    try {
-      this.checkPacket(len, flags, fds);
-      req = decodeRequest(bodies, fds, start, end);
-    } catch (e) {
-      for (const fd of fds) closeQuietly(fd); // no request was formed
-      return this.respond(conn, errResponse(e));
-    }
-    if (typeof req === "object" && "MmapAndRegisterMemory" in req) return this.startMmap(conn, req);
-    try {
-      const refused = typeof req === "object" && "RegisterMemory" in req ? this.regionLimit(conn, "register memory") : null;
-      this.respond(conn, refused !== null ? errResponse(refused) : this.execute(conn, req));
-    } catch (e) {
-      if (peerGone(e)) throw e;
-      this.respond(conn, errResponse(e));
-    } finally {
-      // The request's descriptors are exactly the packet's: decodeRequest checked that each
-      // one is referenced once.
-      for (const fd of fds) closeQuietly(fd);
-    }
-  }
-
-  private regionLimit(conn: Connection, what: string): VmMemoryError | null {
-    if (conn.regions.size < this.opts.maxRegionsPerConnection) return null;
-    return failure("ENOSPC", `this connection has ${conn.regions.size} live regions, the limit (--max-regions-per-connection)`).context(
-      `failed to ${what}`,
-    );
-  }
-
-  /**
-   * MmapAndRegisterMemory: with chunks to come, it waits for them. A request refused at once
-   * (too many mappings for the shm or the limit, or the region limit) allocates nothing, but
-   * still reads its chunks, closing their descriptors, and answers once after the last:
-   * the client sends them whatever we decide, and must not be knocked out of step.
-   */
-  private startMmap(conn: Connection, req: Extract<VmMemoryRequest, { MmapAndRegisterMemory: unknown }>): void {
-    const m = req.MmapAndRegisterMemory;
-    const count = m.num_file_mappings;
-    let refused = this.regionLimit(conn, "mmap and register memory");
-    if (refused === null && (count > this.opts.maxFileMappings || BigInt(count) > BigInt(m.shm.size) / 4096n)) {
-      refused = failure("EINVAL", `num_file_mappings ${count} is more than the shm's pages or the limit ${this.opts.maxFileMappings}`).context(
-        "failed to mmap and register memory",
-      );
-    }
-    if (count === 0) {
-      try {
-        this.respond(conn, refused !== null ? errResponse(refused) : this.execute(conn, req));
-      } finally {
-        this.release(req);
-      }
-      return;
-    }
-    m.file_mappings = [];
-    conn.pending = { req, remaining: Number(count), mappings: m.file_mappings, failure: refused };
-  }
-
-  /** Limits every packet must meet before it is decoded (a request or a follow-up chunk). */
-  private checkPacket(len: number, flags: number, fds: readonly number[]): void {
-    if (flags & sys.MSG_TRUNC || len > this.opts.maxPacket) {
-      throw failure("EINVAL", `packet larger than ${this.opts.maxPacket} bytes`).context("malformed packet");
-    }
-    if (fds.length > this.opts.maxFdsPerPacket) {
-      throw failure("EINVAL", `${fds.length} descriptors in one packet; the limit is ${this.opts.maxFdsPerPacket}`).context("malformed packet");
-    }
-    if (flags & sys.MSG_CTRUNC) {
-      throw failure("EINVAL", `more than ${sys.SCM_MAX_FD} descriptors in one packet`).context("malformed packet");
-    }
-  }
-
-  /**
-   * A follow-up packet of the pending MmapAndRegisterMemory. A malformed one fails the
-   * request and counts as the min(remaining, 253) mappings a sender chunking as crosvm
-   * does would have put in it, so the one answer still comes after the last chunk.
-   */
-  private handleChunk(conn: Connection, body: Uint8Array, len: number, flags: number, fds: number[]): void {
-    const p = conn.pending!;
-    let taken: number;
-    try {
-      this.checkPacket(len, flags, fds);
-      const chunk = decodeFileMappings(body, fds);
-      if (chunk.length > p.remaining) {
-        throw failure("EINVAL", `chunk of ${chunk.length} file mappings exceeds the ${p.remaining} still expected`).context(
-          "malformed file mapping chunk",
-        );
-      }
-      taken = chunk.length;
-      if (p.failure === null) p.mappings.push(...chunk);
-      else for (const fd of fds) closeQuietly(fd); // the request has failed: nothing to keep
-    } catch (e) {
-      for (const fd of fds) closeQuietly(fd); // never joined the request
-      p.failure ??= VmMemoryError.from(e).context("failed to mmap and register memory");
-      taken = Math.min(p.remaining, sys.SCM_MAX_FD);
-    }
-    p.remaining -= taken;
-    if (p.remaining > 0) return;
-    conn.pending = null;
-    try {
-      this.respond(conn, p.failure !== null ? errResponse(p.failure) : this.execute(conn, p.req));
-    } catch (e) {
-      if (peerGone(e)) throw e;
-      this.respond(conn, errResponse(e));
-    } finally {
-      this.release(p.req);
-    }
-  }
-
-  /** Runs a request; its descriptors stay with the caller (mappings and KVM keep their own references). */
-  private execute(conn: Connection, req: VmMemoryRequest): VmMemoryResponse {
-    // --release-on-disconnect keeps its own copy of an ioevent's eventfd, taken before KVM
-    // has it: if the copy cannot be made, nothing gets registered that could not be removed.
-    const keep =
-      this.opts.releaseOnDisconnect && typeof req === "object" && "IoEventRaw" in req && req.IoEventRaw.register
-        ? sys.dupCloexec(req.IoEventRaw.event)
-        : -1;
-    let resp: VmMemoryResponse;
-    try {
-      resp = execute(req, this.ctx);
-    } catch (e) {
-      if (keep !== -1) closeQuietly(keep);
-      throw e;
-    }
-    if (typeof req === "object") this.account(conn, req, resp, keep);
-    else if (keep !== -1) closeQuietly(keep);
-    if (this.opts.log.enabled("debug")) {
-      this.opts.log.debug("request", { conn: conn.id, resp: typeof resp === "string" ? resp : Object.keys(resp)[0] });
-    }
-    return resp;
-  }
-
-  /** Records what a successful request made a connection own. */
-  private account(conn: Connection, req: Exclude<VmMemoryRequest, string>, resp: VmMemoryResponse, keep: number): void {
-    if (typeof resp === "object" && "RegisterMemory" in resp) {
-      const id = regionIdOf(resp.RegisterMemory.region_id);
-      conn.regions.set(id, true);
-      this.regionOwner.set(id, conn);
-    } else if (resp === "Ok" && "UnregisterMemory" in req) {
-      const id = regionIdOf(req.UnregisterMemory);
-      this.regionOwner.get(id)?.regions.delete(id);
-      this.regionOwner.delete(id);
-    } else if (resp === "Ok" && "IoEventRaw" in req && this.opts.releaseOnDisconnect) {
-      const r = req.IoEventRaw;
-      if (r.register) {
-        conn.ioevents.push({ event: keep, addr: r.addr, datamatch: r.datamatch });
-        return;
-      } else {
-        const key = ioeventKey(r.addr, r.datamatch);
-        const i = conn.ioevents.findIndex((e) => ioeventKey(e.addr, e.datamatch) === key);
-        if (i !== -1) closeQuietly(conn.ioevents.splice(i, 1)[0]!.event);
-      }
-    }
-    if (keep !== -1) closeQuietly(keep);
-  }
-
-  /** --release-on-disconnect: removes what the connection registered and still owns. */
-  private releaseOwned(conn: Connection): void {
-    for (const id of conn.regions.keyList()) {
-      this.regionOwner.delete(id);
-      const resp = execute({ UnregisterMemory: id }, this.ctx);
-      if (resp !== "Ok") this.opts.log.warn("could not release a region on disconnect", { conn: conn.id, region: id, resp: JSON.stringify(resp) });
-    }
-    for (const e of conn.ioevents) {
-      execute({ IoEventRaw: { event: e.event, addr: e.addr, datamatch: e.datamatch, register: false } }, this.ctx);
-      closeQuietly(e.event);
-    }
-    if (conn.regions.size + conn.ioevents.length > 0) {
-      this.opts.log.info("released on disconnect", { conn: conn.id, regions: conn.regions.size, ioevents: conn.ioevents.length });
-    }
-    conn.regions.clear();
-    conn.ioevents.length = 0;
-  }
-
-  private release(req: VmMemoryRequest): void {
-    for (const fd of requestDescriptors(req)) closeQuietly(fd);
   }
 
   /** Queues a response in the send batch; flushBatch sends it. */
-  private respond(conn: Connection, resp: VmMemoryResponse): void {
-    let bytes = encodeResponse(resp);
+  private respond(conn: Connection, resp: VmMemoryResponse, enc: Encoding): void {
+    let bytes = encodeResponse(resp, enc);
     if (bytes.byteLength > MAX_PACKET) {
       const what = typeof resp === "object" ? Object.keys(resp)[0] : resp;
-      bytes = encodeResponse(errResponse(failure("EMSGSIZE", `the ${what} response is ${bytes.byteLength} bytes, more than a packet holds (${MAX_PACKET})`)));
+      bytes = encodeResponse(errResponse(Refusal.of("EMSGSIZE", `the ${what} response is ${bytes.byteLength} bytes, more than a packet holds (${MAX_PACKET})`)), enc);
     }
     if (conn.outbox.length > 0) {
       conn.outbox.push(bytes.slice());
@@ -570,12 +346,12 @@ export class Server {
     try {
       this.epoll.remove(conn.fd);
     } catch {}
-    if (conn.pending !== null) {
-      this.release(conn.pending.req);
-      conn.pending = null;
+    this.requests.abandon(conn);
+    conn.pending = null;
+    const released = this.ledger.release(conn.holdings, this.ctx, (msg, fields) => this.opts.log.warn(msg, fields));
+    if (this.opts.releaseOnDisconnect && released.regions + released.ioevents > 0) {
+      this.opts.log.info("released on disconnect", { conn: conn.id, ...released });
     }
-    if (this.opts.releaseOnDisconnect) this.releaseOwned(conn);
-    else for (const id of conn.regions.keyList()) this.regionOwner.delete(id);
     closeQuietly(conn.fd);
     this.opts.log.info("client disconnected", { conn: conn.id, requests: conn.requests });
   }
@@ -601,15 +377,6 @@ function openReserve(): number {
   } catch {
     return -1;
   }
-}
-
-function ioeventKey(addr: U64, dm: Datamatch): string {
-  return `${addr}/${typeof dm === "string" ? dm : JSON.stringify(dm, (_k, v) => (typeof v === "bigint" ? String(v) : v))}`;
-}
-
-function errResponse(e: unknown): VmMemoryResponse {
-  const err = VmMemoryError.from(e);
-  return { Err: { errno: err.errno, chain: err.chain } };
 }
 
 /** The peer is gone: the connection ends, instead of an Err nobody would read. */

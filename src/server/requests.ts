@@ -1,0 +1,244 @@
+// From a received packet to its answer: decode in the packet's encoding, check the peer's
+// budget, execute, record what the connection now holds. An MmapAndRegisterMemory takes
+// its follow-up chunks here too, and is answered exactly once, after the last of them,
+// whatever goes wrong, so a client that sends what it said it would stays in step.
+import {
+  errResponse,
+  execute,
+  MmapRegistration,
+  pageUp,
+  Refusal,
+  type ExecContext,
+} from "../memory";
+import { regionIdOf } from "../memory/region_state";
+import {
+  decodeFileMappings,
+  decodeRequest,
+  decodeRequestShape,
+  encodingOf,
+  MAX_FDS_PER_PACKET,
+  type Encoding,
+  type Request,
+  type VmMemoryRequest,
+  type VmMemoryResponse,
+} from "../protocol";
+import * as sys from "../sys";
+import type { Connection } from "./connection";
+import { MAPPINGS_PER_FIXED, MAPPINGS_PER_REGION, type Ledger } from "./ledger";
+import type { Logger } from "./log";
+
+export interface RequestLimits {
+  /** Largest request body accepted (at most the protocol's 65536). */
+  maxPacket: number;
+  /** Descriptors accepted in one packet (at most the kernel's SCM_MAX_FD, 253). */
+  maxFdsPerPacket: number;
+  /** MmapAndRegisterMemory's num_file_mappings above this is refused at once. */
+  maxFileMappings: number;
+}
+
+export type Respond = (conn: Connection, resp: VmMemoryResponse, enc: Encoding) => void;
+
+type Mmap = Request<"MmapAndRegisterMemory">;
+
+export class Requests {
+  constructor(
+    private readonly ctx: ExecContext,
+    private readonly ledger: Ledger,
+    private readonly limits: RequestLimits,
+    private readonly log: Logger,
+    private readonly respond: Respond,
+  ) {}
+
+  /**
+   * One packet, bytes [start, end) of `buf`. Its descriptors are this call's to close, on
+   * every path: mappings and KVM keep their own references to what they use.
+   */
+  packet(conn: Connection, buf: Uint8Array, start: number, end: number, len: number, flags: number, fds: number[]): void {
+    conn.requests++;
+    try {
+      const enc = encodingOf(buf, start, end);
+      if (conn.pending !== null) return this.chunk(conn, buf, start, end, len, flags, fds, enc);
+      const bad = this.checkPacket(len, flags, fds);
+      if (bad !== null) {
+        // Its descriptors are gone, but it may still be an MmapAndRegisterMemory whose chunks
+        // follow: learn its shape, so the one answer comes after them.
+        const shape = flags & sys.MSG_CTRUNC && !(flags & sys.MSG_TRUNC) ? decodeRequestShape(buf, start, end, enc) : null;
+        if (shape !== null && typeof shape === "object" && "MmapAndRegisterMemory" in shape) return this.startMmap(conn, shape, enc, bad);
+        return this.respond(conn, errResponse(bad), enc);
+      }
+      const req = decodeRequest(buf, start, end, fds, enc);
+      if (req instanceof Refusal) return this.respond(conn, errResponse(req), enc);
+      if (typeof req === "object" && "MmapAndRegisterMemory" in req) return this.startMmap(conn, req, enc, null);
+      this.respond(conn, this.execute(conn, req), enc);
+    } finally {
+      for (const fd of fds) closeQuietly(fd);
+    }
+  }
+
+  /** Limits every packet must meet before it is decoded (a request or a follow-up chunk). */
+  private checkPacket(len: number, flags: number, fds: readonly number[]): Refusal | null {
+    if (flags & sys.MSG_TRUNC || len > this.limits.maxPacket) {
+      return Refusal.of("EINVAL", `packet larger than ${this.limits.maxPacket} bytes`).context("malformed packet");
+    }
+    if (fds.length > this.limits.maxFdsPerPacket) {
+      return Refusal.of("EINVAL", `${fds.length} descriptors in one packet; the limit is ${this.limits.maxFdsPerPacket}`).context("malformed packet");
+    }
+    if (flags & sys.MSG_CTRUNC) {
+      return Refusal.of("EINVAL", `the packet's descriptors were cut short (more than ${sys.SCM_MAX_FD}, or vmemd's descriptor table is full)`).context(
+        "malformed packet",
+      );
+    }
+    return null;
+  }
+
+  /** Runs a request, after the connection's budget allows it; records what it now holds. */
+  private execute(conn: Connection, req: Exclude<VmMemoryRequest, Mmap>): VmMemoryResponse {
+    const h = conn.holdings;
+    let fixed = false;
+    if (typeof req === "object") {
+      let refused: Refusal | null = null;
+      if ("RegisterMemory" in req) {
+        fixed = this.landsInArena(req.RegisterMemory.dest);
+        refused = this.ledger.checkRegion(h, registeredSize(req.RegisterMemory.source), fixed ? MAPPINGS_PER_FIXED : MAPPINGS_PER_REGION);
+        if (refused !== null) refused.context("failed to register memory");
+      } else if ("IoEventRaw" in req && req.IoEventRaw.register) {
+        refused = this.ledger.checkIoevent(h);
+        if (refused !== null) refused.context(`failed to register ioevent at 0x${req.IoEventRaw.addr.toString(16)}`);
+      }
+      if (refused !== null) return errResponse(refused);
+    }
+    // --release-on-disconnect keeps its own copy of an ioevent's eventfd, taken before KVM
+    // has it: if the copy cannot be made, nothing gets registered that could not be removed.
+    const keep = this.ledger.keepsIoevents && typeof req === "object" && "IoEventRaw" in req && req.IoEventRaw.register ? sys.dupCloexec(req.IoEventRaw.event) : -1;
+    const resp = execute(req, this.ctx);
+    if (typeof req === "object") this.account(conn, req, resp, keep, fixed);
+    else if (keep !== -1) closeQuietly(keep);
+    return resp;
+  }
+
+  private landsInArena(dest: Request<"RegisterMemory">["RegisterMemory"]["dest"]): boolean {
+    if ("ExistingAllocation" in dest) return true;
+    const g = regionIdOf(dest.GuestPhysicalAddress);
+    return g >= 0 && this.ctx.state.top.find(g)?.value !== undefined && "fixed" in this.ctx.state.top.find(g)!.value;
+  }
+
+  /** Records what a request made the connection hold (or no longer hold). */
+  private account(conn: Connection, req: Exclude<VmMemoryRequest, string | Mmap>, resp: VmMemoryResponse, keep: number, fixed: boolean): void {
+    const h = conn.holdings;
+    if (typeof resp === "object" && "RegisterMemory" in resp) {
+      const id = regionIdOf(resp.RegisterMemory.region_id);
+      const size = this.ctx.state.regions.get(id)?.size ?? 0;
+      this.ledger.recordRegion(h, id, size, fixed ? MAPPINGS_PER_FIXED : MAPPINGS_PER_REGION);
+    } else if (resp === "Ok" && "UnregisterMemory" in req) {
+      this.ledger.recordUnregister(regionIdOf(req.UnregisterMemory));
+    } else if (resp === "Ok" && "IoEventRaw" in req) {
+      const r = req.IoEventRaw;
+      const owned = keep === -1 ? null : { event: keep, addr: r.addr, datamatch: r.datamatch, pio: false };
+      this.ledger.recordIoevent(h, r.register, owned);
+      if (!r.register && this.ledger.keepsIoevents) this.ledger.dropOwnedIoevent(h, r.addr, r.datamatch);
+      return;
+    }
+    if (keep !== -1) closeQuietly(keep);
+  }
+
+  /**
+   * MmapAndRegisterMemory: checked and its shm mapped now; its chunks map their files as they
+   * come. A request refused at once allocates nothing, but its chunks are still read (their
+   * descriptors closed) and the one answer comes after the last.
+   */
+  private startMmap(conn: Connection, req: Mmap, enc: Encoding, refused: Refusal | null): void {
+    const m = req.MmapAndRegisterMemory;
+    const count = m.num_file_mappings;
+    const h = conn.holdings;
+    const shmSize = typeof m.shm.size === "number" ? pageUp(m.shm.size) : Infinity;
+    if (refused === null && (count > this.limits.maxFileMappings || Number(count) > shmSize / sys.PAGE_SIZE)) {
+      refused = Refusal.of("EINVAL", `num_file_mappings ${count} is more than the shm's pages or the limit ${this.limits.maxFileMappings} (--max-file-mappings)`);
+    }
+    refused ??= this.ledger.checkRegion(h, shmSize, MAPPINGS_PER_REGION);
+    let registration: MmapRegistration | null = null;
+    if (refused === null) {
+      const started = MmapRegistration.start(this.ctx, m.shm, m.dest);
+      if (started instanceof Refusal) refused = started;
+      else registration = started;
+    } else refused.context("failed to mmap and register memory");
+    if (registration !== null) this.ledger.chargeMappings(h, MAPPINGS_PER_REGION);
+    conn.pending = { encoding: enc, remaining: Number(count), registration, charged: registration === null ? 0 : MAPPINGS_PER_REGION, failure: refused };
+    if (count === 0) this.finishMmap(conn);
+  }
+
+  /**
+   * A follow-up packet of the pending MmapAndRegisterMemory. A malformed one fails the
+   * request and counts as the min(remaining, 253) mappings a sender chunking as crosvm
+   * does would have put in it, so the one answer still comes after the last chunk.
+   */
+  private chunk(conn: Connection, buf: Uint8Array, start: number, end: number, len: number, flags: number, fds: number[], enc: Encoding): void {
+    const p = conn.pending!;
+    let taken = Math.min(p.remaining, MAX_FDS_PER_PACKET);
+    let bad = this.checkPacket(len, flags, fds);
+    if (bad === null) {
+      const chunk = decodeFileMappings(buf, start, end, fds, enc);
+      if (chunk instanceof Refusal) bad = chunk;
+      else if (chunk.length > p.remaining) {
+        bad = Refusal.of("EINVAL", `chunk of ${chunk.length} file mappings exceeds the ${p.remaining} still expected`).context("malformed file mapping chunk");
+      } else {
+        taken = chunk.length;
+        if (p.registration !== null) {
+          const mappings = 2 * chunk.length;
+          bad = this.ledger.checkMappings(conn.holdings, mappings) ?? p.registration.add(chunk);
+          if (bad === null) {
+            this.ledger.chargeMappings(conn.holdings, mappings);
+            p.charged += mappings;
+          }
+        }
+      }
+    }
+    if (bad !== null && p.failure === null) {
+      p.failure = bad.chain.at(-1) === "failed to mmap and register memory" ? bad : bad.context("failed to mmap and register memory");
+      this.abandon(conn);
+    }
+    p.remaining -= taken;
+    if (p.remaining <= 0) this.finishMmap(conn);
+  }
+
+  private finishMmap(conn: Connection): void {
+    const p = conn.pending!;
+    conn.pending = null;
+    if (p.failure !== null || p.registration === null) {
+      this.abandonPending(conn, p);
+      return this.respond(conn, errResponse(p.failure ?? Refusal.of("EINVAL", "no registration")), p.encoding);
+    }
+    const resp = p.registration.finish();
+    p.registration = null;
+    if (typeof resp === "object" && "RegisterMemory" in resp) {
+      const id = regionIdOf(resp.RegisterMemory.region_id);
+      const size = this.ctx.state.regions.get(id)?.size ?? 0;
+      this.ledger.recordRegion(conn.holdings, id, size, p.charged, p.charged);
+    } else this.ledger.chargeMappings(conn.holdings, -p.charged);
+    this.respond(conn, resp, p.encoding);
+  }
+
+  /** Releases what a failed or abandoned MmapAndRegisterMemory mapped so far. */
+  private abandonPending(conn: Connection, p: NonNullable<Connection["pending"]>): void {
+    p.registration?.abort();
+    p.registration = null;
+    this.ledger.chargeMappings(conn.holdings, -p.charged);
+    p.charged = 0;
+  }
+
+  /** The pending request failed (its chunks are still read) or its connection is going. */
+  abandon(conn: Connection): void {
+    if (conn.pending !== null) this.abandonPending(conn, conn.pending);
+  }
+}
+
+/** The bytes a RegisterMemory source covers once rounded to pages (0 when it will be refused anyway). */
+function registeredSize(source: Request<"RegisterMemory">["RegisterMemory"]["source"]): number {
+  const size = "SharedMemory" in source ? source.SharedMemory.size : "Descriptor" in source ? source.Descriptor.size : 0;
+  return typeof size === "number" ? pageUp(size) : 0;
+}
+
+function closeQuietly(fd: number): void {
+  try {
+    sys.close(fd);
+  } catch {}
+}
