@@ -1890,6 +1890,7 @@ class Engine {
           const e = req.IoEventRaw as Record<string, unknown>;
           const fd = ex.fds[Number(e.event)]!;
           const dm = e.datamatch;
+          if (dm === undefined) break;
           const [dk, dv] = dm === "AnyLength" ? ["AnyLength", null] : Object.entries(dm as Record<string, unknown>)[0]!;
           const key = `${fd}|${Number(e.addr)}|${dk}|${dv === null ? "wild" : BigInt(dv as number | bigint)}`;
           this.ioevents.add(key, e.register ? 1 : -1);
