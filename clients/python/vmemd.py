@@ -55,6 +55,16 @@ MAX_PACKET = 65536
 SCM_MAX_FD = 253
 
 _U64_MAX = (1 << 64) - 1
+# Flags as plain ints (socket's are enums, whose operators cost microseconds per call).
+_SEND_FLAGS = int(socket.MSG_DONTWAIT) | int(socket.MSG_NOSIGNAL)
+_RECV_WAIT = int(socket.MSG_CMSG_CLOEXEC)
+_RECV_NOWAIT = int(socket.MSG_CMSG_CLOEXEC) | int(socket.MSG_DONTWAIT)
+_MSG_TRUNC = int(socket.MSG_TRUNC)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
+_POLLIN = select.POLLIN
+_POLLOUT = select.POLLOUT
 _I64_MIN = -(1 << 63)
 
 
@@ -555,7 +565,10 @@ class Client:
         self.timeout = timeout
         self._encode = msgpack_encode if encoding == "msgpack" else json_encode
         self._sock = sock
-        sock.setblocking(False)
+        # Blocking, so that a wait for a response sleeps in recvmsg itself (SO_RCVTIMEO
+        # bounds it); sends pass MSG_DONTWAIT and never block.
+        sock.settimeout(None)
+        self._rcvtimeo = None  # the SO_RCVTIMEO in force (seconds; 0: none), None: unknown
         self._poll = select.poll()
         self._poll.register(sock.fileno(), select.POLLIN)
         self._rbuf = bytearray(MAX_PACKET)
@@ -661,18 +674,18 @@ class Client:
             raise ValueError(f"request of {len(body)} bytes: a packet holds at most {MAX_PACKET}")
         if len(fds) > SCM_MAX_FD:
             raise ValueError(f"{len(fds)} descriptors: a packet holds at most {SCM_MAX_FD}")
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        anc = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))] if fds else []
         while True:
             try:
-                self._sock.sendmsg([body], anc, socket.MSG_NOSIGNAL)
+                self._sock.sendmsg([body], anc, _SEND_FLAGS)
                 return
             except BlockingIOError:
                 pass
             # Full: make room by reading what the server has answered (it stops reading
             # requests while its answers to us are not read).
-            want = select.POLLOUT | (select.POLLIN if self._sent > self._received else 0)
+            want = _POLLOUT | (_POLLIN if self._sent > self._received else 0)
             rev = self._wait(want, deadline, "room to send")
-            if rev & select.POLLIN and self._sent > self._received:
+            if rev & _POLLIN and self._sent > self._received:
                 self._receive_one()
 
     # -- receiving --
@@ -689,8 +702,7 @@ class Client:
                 raise RuntimeError("recv: MmapAndRegisterMemory is answered after its file mappings: send_file_mappings() first")
             deadline = self._deadline(timeout)
             while not self._ready:
-                if not self._receive_one():
-                    self._wait(select.POLLIN, deadline, "response")
+                self._receive_wait(deadline)
         _, result, _ = self._ready.popleft()
         return self._result(result, check)
 
@@ -704,8 +716,7 @@ class Client:
         seq = self.send(req, file_mappings=file_mappings, timeout=timeout)
         try:
             while self._received <= seq:
-                if not self._receive_one():
-                    self._wait(select.POLLIN, deadline, "response")
+                self._receive_wait(deadline)
         except BaseException:
             if self._received <= seq:
                 self._abandoned.add(seq)
@@ -742,21 +753,45 @@ class Client:
             if r:
                 return r[0][1]
 
-    def _receive_one(self) -> bool:
-        """Reads one packet if one is ready (False if none), and queues its result."""
+    def _receive_wait(self, deadline) -> None:
+        """Receives one packet, waiting in recvmsg until the deadline."""
+        while True:
+            if deadline is None:
+                wait = 0.0
+            else:
+                wait = deadline - time.monotonic()
+                if wait <= 0:
+                    raise TimeoutError(_errno.ETIMEDOUT, "vmemd: no response in time")
+                wait = max(wait, 1e-6)
+            # SO_RCVTIMEO is set again only when it is off by more than 10 ms (or 5% of a
+            # short wait): a wait may end that much late, and repeated calls cost no syscall.
+            cur = self._rcvtimeo
+            if cur is None or abs(cur - wait) > min(0.01, 0.05 * wait) or (wait == 0.0) != (cur == 0.0):
+                sec = int(wait)
+                usec = int((wait - sec) * 1e6)
+                if wait and not sec and not usec:
+                    usec = 1  # a zero timeval would mean no timeout at all
+                self._sock.setsockopt(_SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", sec, usec))
+                self._rcvtimeo = wait
+            if self._receive_one(block=True):
+                return
+
+    def _receive_one(self, block: bool = False) -> bool:
+        """Reads one packet (False if none is ready, or none came within SO_RCVTIMEO) and
+        queues its result."""
         if self._closed:
             raise OSError(_errno.EBADF, "vmemd client is closed")
         try:
-            nbytes, anc, flags, _ = self._sock.recvmsg_into([self._rbuf], self._ancsize, socket.MSG_CMSG_CLOEXEC)
+            nbytes, anc, flags, _ = self._sock.recvmsg_into([self._rbuf], self._ancsize, _RECV_WAIT if block else _RECV_NOWAIT)
         except BlockingIOError:
             return False
         fds = []
         for level, kind, data in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
                 a = array.array("i")
                 a.frombytes(data[: len(data) - len(data) % a.itemsize])
                 fds.extend(a)
-        if nbytes == 0 and not fds and not flags & socket.MSG_TRUNC:
+        if nbytes == 0 and not fds and not flags & _MSG_TRUNC:
             raise ConnectionResetError(_errno.ECONNRESET, "vmemd closed the connection")
         if self._sent == self._received:
             _close_all(fds)
@@ -764,9 +799,9 @@ class Client:
         seq = self._received
         self._received += 1
         try:
-            if flags & socket.MSG_CTRUNC:
+            if flags & _MSG_CTRUNC:
                 raise ProtocolError("a response's descriptors did not fit (MSG_CTRUNC)")
-            if flags & socket.MSG_TRUNC:
+            if flags & _MSG_TRUNC:
                 raise ProtocolError(f"a response larger than {MAX_PACKET} bytes")
             result, kept = self._decode_response(bytes(self._rbuf[:nbytes]), fds)
         except ProtocolError as e:
