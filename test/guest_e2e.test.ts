@@ -3,7 +3,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { join } from "node:path";
 import * as sys from "../src/sys";
-import type { VmemClient } from "../src/client";
+import { JSON_ENCODING, MSGPACK, VmemClient, type Encoding } from "../src/client";
 import { closeAll, memfd, requireKvm } from "./helpers";
 import { BOOT_MAGIC, guestRamBlocks, Mailbox, Op, SharedPage } from "./mailbox";
 import { BINARY, requireBinary, VmemdProcess } from "./server_harness";
@@ -17,25 +17,28 @@ let server: VmemdProcess;
 let client: VmemClient;
 let mailbox: Mailbox;
 
-beforeAll(async () => {
-  server = await VmemdProcess.start(["--memory", "64M", "--pci-bar", "00:05.0/2=2M", "--guest", GUEST]);
-  client = server.connect();
-  mailbox = Mailbox.register(client);
-  // The first batch also proves the guest found its mailbox.
-  await mailbox.run([{ op: Op.print, addr: 0, value: 0x1234abcd }]);
-  expect(mailbox.bootMagic).toBe(BOOT_MAGIC);
-});
-afterAll(async () => {
-  mailbox?.close();
-  client?.close();
-  expect(await server.stop()).toBe(0);
-});
 
 function vcpu() {
   return client.getState().vcpu!;
 }
 
-describe("a guest on the real vCPU judges each request", () => {
+// Every guest-visible check, once per encoding: what crosvm's JSON asks for must land exactly
+// as what MessagePack asks for.
+for (const enc of [MSGPACK, JSON_ENCODING] as Encoding[]) describe(`a guest on the real vCPU judges each request (${enc === MSGPACK ? "MessagePack" : "JSON"})`, () => {
+  beforeAll(async () => {
+    server = await VmemdProcess.start(["--memory", "64M", "--pci-bar", "00:05.0/2=2M", "--guest", GUEST]);
+    client = VmemClient.connect(server.socket, enc);
+    mailbox = Mailbox.register(client);
+    // The first batch also proves the guest found its mailbox.
+    await mailbox.run([{ op: Op.print, addr: 0, value: 0x1234abcd }]);
+    expect(mailbox.bootMagic).toBe(BOOT_MAGIC);
+  });
+  afterAll(async () => {
+    mailbox?.close();
+    client?.close();
+    expect(await server.stop()).toBe(0);
+  });
+
   test("the guest's serial output shows up in vmemd's output", async () => {
     // Until the whole line is in: the serial bytes reach us as they come, not a line at a time.
     for (let i = 0; i < 100 && !server.stdout.includes("000000001234abcd\n"); i++) await Bun.sleep(10);
