@@ -166,7 +166,15 @@ function buildRequest(cmd: string, args: string[], p: Parsed, fds: number[]): Vm
   }
 }
 
-export function ctl(argv: string[]): number {
+/**
+ * Writes all of `text` to stdout before returning: the process exits right after, and a
+ * pipe's reader (a script, `less`) must still get every line of a 30,000-region map.
+ */
+async function print(text: string): Promise<void> {
+  await Bun.write(Bun.stdout, text);
+}
+
+export async function ctl(argv: string[]): Promise<number> {
   const p = parseFlags(argv, SPEC, "vmemd ctl");
   if (p.flags.has("help")) {
     process.stdout.write(CTL_HELP);
@@ -193,9 +201,9 @@ export function ctl(argv: string[]): number {
       }
     }
     if (cmd === "state" && !p.flags.has("json") && typeof resp === "object" && "State" in resp) {
-      process.stdout.write(drawState(resp.State as VmState, p.flags.has("all")));
+      await print(drawState(resp.State as VmState, p.flags.has("all")));
     } else {
-      process.stdout.write(toJson(resp) + "\n");
+      await print(toJson(resp) + "\n");
     }
     return typeof resp === "object" && "Err" in resp ? 1 : 0;
   } finally {
