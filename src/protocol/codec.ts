@@ -22,6 +22,7 @@ import {
   MSGPACK,
   T_BIN,
   T_NUMBER,
+  T_STR,
   type Encoding,
   type WireReader,
   type WireWriter,
@@ -204,7 +205,8 @@ function variantNames(s: EnumShape<unknown>): string {
 
 function decodeEnum(s: EnumShape<unknown>, r: WireReader, w: Walk): Out {
   const variants = s.variants;
-  if (r.readString()) {
+  if (r.peek() === T_STR) {
+    if (!r.readString()) return w.fail(r.why || "malformed string");
     for (let i = 0; i < variants.length; i++) {
       const v = variants[i]!;
       if (!r.tokenIs(v.bytes)) continue;
@@ -212,7 +214,6 @@ function decodeEnum(s: EnumShape<unknown>, r: WireReader, w: Walk): Out {
     }
     return w.fail(`unknown ${s.name} variant ${JSON.stringify(r.tokenText())} (expected one of ${variantNames(s)})`);
   }
-  if (r.why !== "") return w.fail(r.why);
   if (!r.mapStart()) return w.fail(r.why || `expected a ${s.name}: a string or a map with one key (the variant)`);
   let n = r.nextKey();
   if (n !== MORE) return w.fail(n === BROKEN ? r.why : `expected a ${s.name}: a map with exactly one key (the variant), not none`);

@@ -279,7 +279,10 @@ export class JsonReader implements WireReader {
           break;
         case T_NUMBER:
           if (this.b[this.pos] === MINUS) this.pos++;
-          if (this.digits() < 0 && !this.float()) return false;
+          if (this.digits() < 0) {
+            if (!this.float()) return false;
+            this.why = ""; // a float is a fine value to skip
+          }
           break;
         case T_BOOL:
           if (this.readBool() < 0) return this.no("expected a value") 

@@ -74,7 +74,7 @@ export class MsgpackReader implements WireReader {
       case 0xdf:
         return T_MAP;
       default:
-        return t >= 0xcc && t <= 0xd3 ? T_NUMBER : t === 0xc1 ? T_NONE : T_OTHER;
+        return (t >= 0xcc && t <= 0xd3) || t === 0xca || t === 0xcb ? T_NUMBER : t === 0xc1 ? T_NONE : T_OTHER;
     }
   }
 
@@ -115,6 +115,18 @@ export class MsgpackReader implements WireReader {
       if (raw < 0) return this.truncated(save);
       if (raw >= 2 ** (8 * n - 1)) return this.fail("must not be negative");
       v = raw;
+    } else if (t === 0xca || t === 0xcb) {
+      // A float holding an exact integer: what a JavaScript encoder writes for a number of
+      // 2^32 and up, and what version 1 of the protocol accepted. Anything else is refused.
+      const save = this.pos++;
+      const n = t === 0xca ? 4 : 8;
+      if (this.pos + n > this.end) return this.truncated(save);
+      const view = new DataView(this.b.buffer, this.b.byteOffset + this.pos, n);
+      const f = n === 4 ? view.getFloat32(0) : view.getFloat64(0);
+      this.pos += n;
+      if (!Number.isSafeInteger(f)) return this.fail("expected an integer, found a floating point number");
+      if (f < 0) return this.fail("must not be negative");
+      v = f;
     } else if (t >= 0xe0) return this.fail("must not be negative");
     else return this.fail("expected an integer");
     if (typeof v === "number" ? v > numberMax : v > max) return this.fail(`must be at most ${max}`);
