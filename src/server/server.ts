@@ -248,12 +248,12 @@ export class Server {
   private admit(fd: number): void {
     const peer = sys.peerCred(fd);
     if (this.opts.allowUids.length > 0 && !this.opts.allowUids.includes(peer.uid)) {
-      this.opts.log.warn("refused a peer not in --allow-uid", { ...peer });
+      this.opts.log.limited.warn("refused a peer not in --allow-uid", { ...peer });
       sys.close(fd);
       return;
     }
     if (this.conns.size >= this.opts.maxConnections) {
-      this.opts.log.warn("refused a connection: limit reached", { limit: this.opts.maxConnections, ...peer });
+      this.opts.log.limited.warn("refused a connection: limit reached", { limit: this.opts.maxConnections, ...peer });
       sys.close(fd);
       return;
     }
@@ -570,6 +570,7 @@ export class Server {
     this.listener = -1;
     this.epoll.close();
     if (this.reserveFd !== -1) closeQuietly(this.reserveFd);
+    this.opts.log.limited.flush();
   }
 }
 
