@@ -100,11 +100,11 @@ export async function serve(argv: string[]): Promise<number> {
     } catch {
       throw new UsageError(`--ready-fd: ${readyFd} is not an open descriptor`);
     }
-    // An inherited descriptor: not close-on-exec (the runtime opens its own with it set),
-    // open for writing, and a pipe, socket, file or terminal (never an eventfd or epoll).
-    const inherited = (sys.fcntl(readyFd, sys.F_GETFD) & sys.FD_CLOEXEC) === 0;
+    // Open for writing, and a pipe, socket, file or terminal: never the runtime's own epoll
+    // or eventfd. Close-on-exec says nothing: the runtime sets it on every inherited
+    // descriptor from 4 up before our code runs.
     const writable = (sys.fcntl(readyFd, sys.F_GETFL) & sys.O_ACCMODE) !== sys.O_RDONLY;
-    if (!inherited || !writable || (type !== sys.S_IFIFO && type !== sys.S_IFSOCK && type !== sys.S_IFREG && type !== sys.S_IFCHR)) {
+    if (!writable || (type !== sys.S_IFIFO && type !== sys.S_IFSOCK && type !== sys.S_IFREG && type !== sys.S_IFCHR)) {
       throw new UsageError(`--ready-fd: descriptor ${readyFd} is not a writable pipe, socket, file or terminal passed by the parent`);
     }
   }
