@@ -138,6 +138,9 @@ export async function serve(argv: string[]): Promise<number> {
     const onSignal = (sig: string) => () => server.stop(sig, 0);
     process.on("SIGTERM", onSignal("SIGTERM"));
     process.on("SIGINT", onSignal("SIGINT"));
+    // A closed terminal (SIGHUP) or a stray SIGUSR1/SIGUSR2 would kill vmemd by default and
+    // leave its socket file behind; there is nothing to reload, so they are logged and ignored.
+    for (const sig of ["SIGHUP", "SIGUSR1", "SIGUSR2"] as const) process.on(sig, () => log.limited.info(`ignored ${sig}`));
     // For supervisors and test harnesses: a parent that dies must not leave vmemd behind.
     if (p.flags.has("die-with-parent")) sys.dieWithParent(15 /* SIGTERM */, parentAtStart);
     // The guest first: a bad --guest fails before there is a socket file to leave behind.
