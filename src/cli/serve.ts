@@ -116,11 +116,11 @@ export async function serve(argv: string[]): Promise<number> {
     } catch {
       throw new UsageError(`--ready-fd: ${readyFd} is not an open descriptor`);
     }
-    // An inherited descriptor: not close-on-exec (the runtime opens its own with it set),
-    // open for writing, and a pipe, socket, file or terminal (never an eventfd or epoll).
-    const inherited = (sys.fcntl(readyFd, sys.F_GETFD) & sys.FD_CLOEXEC) === 0;
+    // Open for writing, and a pipe, socket, file or terminal: never the runtime's own epoll
+    // or eventfd. Close-on-exec says nothing: the runtime sets it on every inherited
+    // descriptor from 4 up before our code runs.
     const writable = (sys.fcntl(readyFd, sys.F_GETFL) & sys.O_ACCMODE) !== sys.O_RDONLY;
-    if (!inherited || !writable || (type !== sys.S_IFIFO && type !== sys.S_IFSOCK && type !== sys.S_IFREG && type !== sys.S_IFCHR)) {
+    if (!writable || (type !== sys.S_IFIFO && type !== sys.S_IFSOCK && type !== sys.S_IFREG && type !== sys.S_IFCHR)) {
       throw new UsageError(`--ready-fd: descriptor ${readyFd} is not a writable pipe, socket, file or terminal passed by the parent`);
     }
   }
@@ -163,6 +163,9 @@ export async function serve(argv: string[]): Promise<number> {
     const onSignal = (sig: string) => () => server.stop(sig, 0);
     process.on("SIGTERM", onSignal("SIGTERM"));
     process.on("SIGINT", onSignal("SIGINT"));
+    // A closed terminal (SIGHUP) or a stray SIGUSR1/SIGUSR2 would kill vmemd by default and
+    // leave its socket file behind; there is nothing to reload, so they are logged and ignored.
+    for (const sig of ["SIGHUP", "SIGUSR1", "SIGUSR2"] as const) process.on(sig, () => log.limited.info(`ignored ${sig}`));
     // For supervisors and test harnesses: a parent that dies must not leave vmemd behind.
     if (p.flags.has("die-with-parent")) sys.dieWithParent(15 /* SIGTERM */, parentAtStart);
     // The guest first: a bad --guest fails before there is a socket file to leave behind.

@@ -97,7 +97,7 @@ export class Vcpu {
         mmapSize: vm.kvm.vcpuMmapSize(),
         cpuid: vm.kvm.supportedCpuid().raw.slice(),
         eventFd: this.eventFd,
-        blockSignals: [sys.SIGINT, sys.SIGTERM],
+        blockSignals: [sys.SIGINT, sys.SIGTERM, sys.SIGHUP, sys.SIGUSR1, sys.SIGUSR2],
       };
       this.worker = new Worker(vcpuWorkerPath());
       // The Worker reports through the shared buffer; this only catches a Worker that

@@ -248,7 +248,7 @@ class VcpuThread {
   main(): void {
     this.sh.set(Ctl.TID, sys.gettid());
     try {
-      // SIGTERM and SIGINT belong to the main thread's handlers, never to this thread.
+      // The signals serve handles (SIGTERM, SIGINT, SIGHUP...) go to the main thread, never to this one.
       sys.blockSignals(this.init.blockSignals);
       this.setup();
       this.loop();

@@ -7,6 +7,9 @@ export type LogFormat = "text" | "json";
 const RANK: Record<LogLevel, number> = { debug: 0, info: 1, warn: 2, error: 3 };
 
 export class Logger {
+  /** For events a peer can cause as often as it likes: at most one line per second each. */
+  readonly limited: RateLimitedLog = new RateLimitedLog(this);
+
   constructor(
     public level: LogLevel = "info",
     public format: LogFormat = "text",
@@ -48,4 +51,58 @@ export class Logger {
   error(msg: string, fields?: Record<string, unknown>): void {
     this.log("error", msg, fields);
   }
+}
+
+/**
+ * One line per interval for each kind of event (its message): the first event of an
+ * interval is logged, later ones are counted, and the count rides on the next line logged
+ * once the interval has passed. No timer: the clock is read when an event comes; flush()
+ * writes counts still owed (at shutdown).
+ */
+export class RateLimitedLog {
+  private readonly kinds = new Map<string, { level: LogLevel; last: number; suppressed: number }>();
+
+  constructor(
+    private readonly log: Logger,
+    private readonly intervalMs = 1000,
+    private readonly now: () => number = () => performance.now(),
+  ) {}
+
+  warn(msg: string, fields?: Record<string, unknown>): void {
+    this.event("warn", msg, fields);
+  }
+  info(msg: string, fields?: Record<string, unknown>): void {
+    this.event("info", msg, fields);
+  }
+
+  event(level: LogLevel, msg: string, fields: Record<string, unknown> = {}): void {
+    if (!this.log.enabled(level)) return;
+    const t = this.now();
+    const k = this.kinds.get(msg);
+    if (k === undefined) {
+      this.kinds.set(msg, { level, last: t, suppressed: 0 });
+      return this.log.log(level, msg, fields);
+    }
+    if (t - k.last < this.intervalMs) {
+      k.suppressed++;
+      return;
+    }
+    this.log.log(level, k.suppressed > 0 ? `${msg} (and ${k.suppressed} more in the last ${seconds(t - k.last)})` : msg, fields);
+    k.last = t;
+    k.suppressed = 0;
+  }
+
+  /** Logs the counts not yet reported. */
+  flush(): void {
+    const t = this.now();
+    for (const [msg, k] of this.kinds) {
+      if (k.suppressed > 0) this.log.log(k.level, `${msg}: ${k.suppressed} more in the last ${seconds(t - k.last)}`);
+      k.suppressed = 0;
+      k.last = t;
+    }
+  }
+}
+
+function seconds(ms: number): string {
+  return `${Math.max(1, Math.round(ms / 1000))}s`;
 }

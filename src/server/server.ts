@@ -8,6 +8,7 @@ import { Connection } from "./connection";
 import { DEFAULT_BUDGETS, Ledger, type Budgets } from "./ledger";
 import type { Logger } from "./log";
 import { Requests, type RequestLimits } from "./requests";
+import { SocketFile } from "./socket_file";
 
 export interface ServerOptions extends RequestLimits {
   socketPath: string;
@@ -69,6 +70,7 @@ export class Server {
   private readonly requests: Requests;
   /** A spare descriptor, given up to accept-and-close a connection when the table is full. */
   private reserveFd = -1;
+  private socketFile: SocketFile | null = null;
   private listener = -1;
   private nextConnId = 1;
   private stopping = false;
@@ -87,31 +89,10 @@ export class Server {
     return this.conns.size;
   }
 
-  /** Binds the socket: a stale socket file is replaced, a live one (a server answers) is an error. */
+  /** Binds the socket: a stale socket file is replaced; anything else at the path is an error (socket_file.ts). */
   listen(): void {
-    const path = this.opts.socketPath;
-    const mode = sys.lstatMode(path);
-    if (mode !== null) {
-      if ((mode & sys.S_IFMT) !== sys.S_IFSOCK) {
-        throw new sys.SysError(`${path} exists and is not a socket; refusing to replace it`, sys.Errno.EEXIST);
-      }
-      let live = false;
-      try {
-        sys.close(sys.connectSeqpacket(path));
-        live = true;
-      } catch {}
-      if (live) throw new sys.SysError(`another server is answering on ${path}`, sys.Errno.EADDRINUSE);
-      sys.unlink(path);
-      this.opts.log.info("replaced a stale socket file", { path });
-    }
-    // Create the file with the final mode: no window where others could connect.
-    const oldMask = process.umask(0o777 & ~this.opts.socketMode);
-    try {
-      this.listener = sys.listenSeqpacket(path);
-    } finally {
-      process.umask(oldMask);
-    }
-    sys.chmod(path, this.opts.socketMode);
+    this.socketFile = SocketFile.bind(this.opts.socketPath, this.opts.socketMode, this.opts.log);
+    this.listener = this.socketFile.fd;
     this.epoll.add(this.listener, sys.EPOLLIN);
     this.reserveFd = openReserve();
   }
@@ -226,12 +207,12 @@ export class Server {
   private admit(fd: number): void {
     const peer = sys.peerCred(fd);
     if (this.opts.allowUids.length > 0 && !this.opts.allowUids.includes(peer.uid)) {
-      this.opts.log.warn("refused a peer not in --allow-uid", { ...peer });
+      this.opts.log.limited.warn("refused a peer not in --allow-uid", { ...peer });
       sys.close(fd);
       return;
     }
     if (this.conns.size >= this.opts.maxConnections) {
-      this.opts.log.warn("refused a connection: limit reached", { limit: this.opts.maxConnections, ...peer });
+      this.opts.log.limited.warn("refused a connection: limit reached", { limit: this.opts.maxConnections, ...peer });
       sys.close(fd);
       return;
     }
@@ -359,15 +340,13 @@ export class Server {
   private shutdown(): void {
     this.opts.log.info("shutting down", { reason: this.stopReason, clients: this.conns.size });
     for (const conn of [...this.conns.values()]) this.disconnect(conn);
-    if (this.listener !== -1) {
-      closeQuietly(this.listener);
-      this.listener = -1;
-      try {
-        sys.unlink(this.opts.socketPath);
-      } catch {}
-    }
+    // Removes the path only if it is still our socket's file, then closes the listener.
+    this.socketFile?.remove();
+    this.socketFile = null;
+    this.listener = -1;
     this.epoll.close();
     if (this.reserveFd !== -1) closeQuietly(this.reserveFd);
+    this.opts.log.limited.flush();
   }
 }
 

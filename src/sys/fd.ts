@@ -124,22 +124,30 @@ export function fstat(fd: number): Stat {
   return { mode: statView.getUint32(24, true), size: getU64(statView, 48), blocks: getU64(statView, 64) };
 }
 
-/** st_mode of `path` itself (not a symlink's target), or null when nothing is there. */
-export function lstatMode(path: string): number | null {
+/** What names one file: device and inode, with its st_mode (for "is it still ours?"). */
+export interface FileId {
+  dev: bigint;
+  ino: bigint;
+  mode: number;
+}
+
+/** dev, ino and st_mode of `path` itself (not a symlink's target), or null when nothing is there. */
+export function lstatId(path: string): FileId | null {
   if (libc.lstat(cstr(path), statBuf) === -1) {
     const errno = lastErrno();
     if (errno === 2 /* ENOENT */) return null;
     throw new SysError(`lstat(${path})`, errno);
   }
-  return statView.getUint32(24, true);
+  return { dev: statView.getBigUint64(0, true), ino: statView.getBigUint64(8, true), mode: statView.getUint32(24, true) };
 }
 
 export function unlink(path: string): void {
   check(`unlink(${path})`, libc.unlink(cstr(path)));
 }
 
-export function chmod(path: string, mode: number): void {
-  check(`chmod(${path})`, libc.chmod(cstr(path), mode));
+/** fchmod(2): on a socket before bind(2), the mode its file is created with (less the umask). */
+export function fchmod(fd: number, mode: number): void {
+  check("fchmod", libc.fchmod(fd, mode));
 }
 
 /** eventfd counters are 8-byte reads; returns 0 when nothing is pending (EAGAIN). */

@@ -25,7 +25,7 @@ export const libc = dlopen("libc.so.6", {
   fstat: { args: [i32, ptr], returns: i32 },
   lstat: { args: [ptr, ptr], returns: i32 },
   unlink: { args: [ptr], returns: i32 },
-  chmod: { args: [ptr, u32], returns: i32 },
+  fchmod: { args: [i32, u32], returns: i32 },
   eventfd: { args: [u32, i32], returns: i32 },
   timerfd_create: { args: [i32, i32], returns: i32 },
   timerfd_settime: { args: [i32, i32, ptr, ptr], returns: i32 },

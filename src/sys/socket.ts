@@ -5,12 +5,15 @@ import { check, checkFault, lastErrno, SysError } from "./error";
 import { close } from "./fd";
 import { getU64, setU64 } from "./u64";
 
-// bits/socket.h, sys/socket.h, sys/poll.h
+// bits/socket.h, bits/socket_type.h, sys/socket.h, sys/poll.h
 export const AF_UNIX = 1;
+export const SOCK_STREAM = 1;
+export const SOCK_DGRAM = 2;
 export const SOCK_SEQPACKET = 5;
 export const SOCK_NONBLOCK = 0o4000;
 export const SOCK_CLOEXEC = 0o2000000;
 export const SOL_SOCKET = 1;
+export const SO_ERROR = 4;
 export const SO_PEERCRED = 17;
 export const SO_SNDBUF = 7;
 export const SO_RCVBUF = 8;
@@ -44,18 +47,40 @@ function sockaddrUn(path: string): Buffer {
   return sa;
 }
 
-function seqpacket(nonblocking: boolean): number {
+/** An AF_UNIX socket of `type` (SOCK_SEQPACKET, SOCK_STREAM, SOCK_DGRAM), close-on-exec. */
+export function unixSocket(type: number, nonblocking: boolean): number {
   checkFault("socket");
-  return check("socket", libc.socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | (nonblocking ? SOCK_NONBLOCK : 0), 0));
+  return check("socket", libc.socket(AF_UNIX, type | SOCK_CLOEXEC | (nonblocking ? SOCK_NONBLOCK : 0), 0));
+}
+
+/** bind(2) to a path: creates the socket file (mode: the socket's, less the umask). */
+export function bindUnix(fd: number, path: string): void {
+  check(`bind(${path})`, libc.bind(fd, sockaddrUn(path), 2 + Buffer.byteLength(path) + 1));
+}
+
+export function listen(fd: number, backlog: number): void {
+  check("listen", libc.listen(fd, backlog));
+}
+
+/** connect(2) to a path; on a non-blocking socket a full backlog is EAGAIN (a SysError). */
+export function connectUnix(fd: number, path: string): void {
+  check(`connect(${path})`, libc.connect(fd, sockaddrUn(path), 2 + Buffer.byteLength(path) + 1));
+}
+
+/** SO_ERROR: the pending error of a socket (a non-blocking connect's outcome), 0 if none. */
+export function socketError(fd: number): number {
+  const err = new Int32Array(1);
+  const len = new Uint32Array([4]);
+  check("getsockopt(SO_ERROR)", libc.getsockopt(fd, SOL_SOCKET, SO_ERROR, err, len));
+  return err[0]!;
 }
 
 /** A non-blocking listening SEQPACKET socket bound at `path`. */
 export function listenSeqpacket(path: string, backlog = 128): number {
-  const fd = seqpacket(true);
+  const fd = unixSocket(SOCK_SEQPACKET, true);
   try {
-    const sa = sockaddrUn(path);
-    check(`bind(${path})`, libc.bind(fd, sa, 2 + Buffer.byteLength(path) + 1));
-    check("listen", libc.listen(fd, backlog));
+    bindUnix(fd, path);
+    listen(fd, backlog);
     return fd;
   } catch (e) {
     close(fd);
@@ -64,10 +89,9 @@ export function listenSeqpacket(path: string, backlog = 128): number {
 }
 
 export function connectSeqpacket(path: string, nonblocking = false): number {
-  const fd = seqpacket(nonblocking);
+  const fd = unixSocket(SOCK_SEQPACKET, nonblocking);
   try {
-    const sa = sockaddrUn(path);
-    check(`connect(${path})`, libc.connect(fd, sa, 2 + Buffer.byteLength(path) + 1));
+    connectUnix(fd, path);
     return fd;
   } catch (e) {
     close(fd);
