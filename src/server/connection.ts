@@ -25,6 +25,8 @@ export class Connection {
   /** The peer has finished sending: answer what is owed, then close. */
   closing = false;
   requests = 0;
+  /** Its last turn ended on the time limit with packets left: others go first next time. */
+  busy = false;
   readonly holdings: Holdings;
 
   constructor(

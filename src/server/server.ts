@@ -65,6 +65,8 @@ export class Server {
   /** The connection whose responses are in `tx`. */
   private txConn: Connection | null = null;
   private readonly conns = new Map<number, Connection>();
+  /** Ready events put off to the end of a wake-up (see serveUntilTurn). */
+  private readonly deferred: number[] = [];
   private readonly handlers = new Map<number, FdHandler>();
   readonly ledger: Ledger;
   private readonly requests: Requests;
@@ -144,12 +146,21 @@ export class Server {
     while (!this.stopping) {
       const n = this.epoll.wait(-1);
       let turn = n <= 0;
+      // Connections whose last turn ran out of time go last, so a peer that just sent one
+      // request is not queued behind another peer's backlog twice (epoll lists a descriptor
+      // that stayed readable before one that became readable while it was being served).
+      let deferred = 0;
       for (let i = 0; i < n; i++) {
         const fd = this.epoll.readyFd(i);
         if (fd === tick.fd) {
           tick.ack();
           turn = true;
-        } else this.dispatch(fd, this.epoll.readyEvents(i));
+        } else if (n > 1 && this.conns.get(fd)?.busy === true) this.deferred[deferred++] = i;
+        else this.dispatch(fd, this.epoll.readyEvents(i));
+      }
+      for (let j = 0; j < deferred; j++) {
+        const i = this.deferred[j]!;
+        this.dispatch(this.epoll.readyFd(i), this.epoll.readyEvents(i));
       }
       if (turn) return;
     }
@@ -239,6 +250,7 @@ export class Server {
       const roundStart = reads === 0 ? turnStart : performance.now();
       const n = this.rx.recv(conn.fd, batch);
       if (n === -1) {
+        conn.busy = false;
         if (events & (sys.EPOLLHUP | sys.EPOLLERR)) this.disconnect(conn);
         return;
       }
@@ -267,7 +279,8 @@ export class Server {
         for (let j = i + 1; j < n; j++) for (const fd of this.rx.fds(j)) closeQuietly(fd);
       }
       const now = performance.now();
-      if (now - turnStart >= TURN_MS) return;
+      conn.busy = now - turnStart >= TURN_MS;
+      if (conn.busy) return;
       // Batches only while a whole one would fit in what is left of the turn.
       batch = reads >= 2 && ((now - roundStart) / n) * RECV_BATCH < TURN_MS ? RECV_BATCH : 1;
       // Loop until EAGAIN even after a short batch: a client woken by our responses often
