@@ -2,7 +2,7 @@
 import * as sys from "../sys";
 import { KvmVm } from "../kvm";
 import { RegionState, Refusal, SystemAllocator, describeAlloc, type ExecContext } from "../memory";
-import { DEFAULT_BUDGETS, DEFAULT_SERVER_OPTIONS, Logger, mappingBudget, Server, type LogFormat, type LogLevel } from "../server";
+import { DEFAULT_BUDGETS, DEFAULT_SERVER_OPTIONS, descriptorsNeeded, Logger, mappingBudget, Server, type LogFormat, type LogLevel } from "../server";
 import { flag, parseFlags, parseNumber, parsePciBarSize, parseSize, UsageError } from "./args";
 import type { GuestHandle } from "./guest";
 
@@ -140,7 +140,7 @@ export async function serve(argv: string[]): Promise<number> {
       log.info("allocated PCI BAR", { bar: describeAlloc(b.alloc), start: "0x" + a.start.toString(16), size: a.size });
     }
     const ctx: ExecContext = { vm, allocator, state: new RegionState(), vcpu: () => guest?.summary() ?? null };
-    const server = new Server(ctx, {
+    const serverOpts = {
       socketPath,
       socketMode: parseInt(modeText, 8),
       maxConnections: count("max-connections", DEFAULT_SERVER_OPTIONS.maxConnections),
@@ -159,7 +159,13 @@ export async function serve(argv: string[]): Promise<number> {
       },
       releaseOnDisconnect: p.flags.has("release-on-disconnect"),
       log,
-    });
+    };
+    const need = descriptorsNeeded(serverOpts);
+    const have = sys.getrlimit(sys.RLIMIT_NOFILE).cur;
+    if (have < need) {
+      log.warn("the descriptor limit is below what the budgets can make vmemd hold; packets' descriptors may be cut short", { nofile: have, needed: need });
+    }
+    const server = new Server(ctx, serverOpts);
     const onSignal = (sig: string) => () => server.stop(sig, 0);
     process.on("SIGTERM", onSignal("SIGTERM"));
     process.on("SIGINT", onSignal("SIGINT"));

@@ -53,6 +53,16 @@ const READ_EVENTS = sys.EPOLLIN | sys.EPOLLRDHUP;
 // wake the (level-triggered) loop over and over.
 const WRITE_EVENTS = sys.EPOLLOUT;
 
+/**
+ * Descriptors the server may hold at once with `opts`: every connection, a receive batch's
+ * worth of attached descriptors in hand, the eventfd copies --release-on-disconnect keeps,
+ * and room for the runtime and the VM. With a table this large, a full table never keeps
+ * vmemd from reading a packet.
+ */
+export function descriptorsNeeded(opts: Pick<ServerOptions, "maxConnections" | "maxFdsPerPacket" | "budgets" | "releaseOnDisconnect">): number {
+  return 256 + opts.maxConnections + RECV_BATCH * opts.maxFdsPerPacket + (opts.releaseOnDisconnect ? opts.budgets.ioevents : 0);
+}
+
 /** Extra descriptors in the epoll set (e.g. the vCPU's eventfd), with their handlers. */
 export type FdHandler = (events: number) => void;
 
