@@ -8,6 +8,7 @@ import {
   JSON_ENCODING,
   MORE,
   OutBuffer,
+  PacketCursor,
   T_ARRAY,
   T_BOOL,
   T_MAP,
@@ -40,31 +41,15 @@ export function startsJson(first: number): boolean {
   return first === 0x7b || first === 0x5b || first === QUOTE || isSpace(first);
 }
 
-export class JsonReader implements WireReader {
+export class JsonReader extends PacketCursor implements WireReader {
   readonly encoding = JSON_ENCODING;
   readonly strictFields = false;
-  why = "";
-  private b: Uint8Array = new Uint8Array(0);
-  private pos = 0;
-  private end = 0;
-  /** The last string token: raw bytes [tokStart, tokEnd), or, when it had escapes, tokDecoded. */
-  private tokStart = 0;
-  private tokEnd = 0;
+  /** The last string token, when it had escapes: decoded (else its raw bytes are the token). */
   private tokDecoded: Uint8Array | null = null;
   /** Per open container: whether an entry has been read (a comma comes before the next). */
   private readonly started = new Uint8Array(MAX_DEPTH);
   /** Per open container: 1 for a map, 0 for an array. */
   private readonly kinds = new Uint8Array(MAX_DEPTH);
-  private depth = 0;
-
-  reset(b: Uint8Array, start: number, end: number): this {
-    this.b = b;
-    this.pos = start;
-    this.end = Math.min(end, b.length);
-    this.depth = 0;
-    this.why = "";
-    return this;
-  }
 
   private ws(): void {
     const b = this.b;
@@ -340,10 +325,6 @@ export class JsonReader implements WireReader {
     return this.pos === this.end;
   }
 
-  private fail(why: string): number {
-    this.why = why;
-    return -1;
-  }
 
   private no(why: string): false {
     this.why = why;

@@ -7,6 +7,7 @@ import {
   MORE,
   MSGPACK,
   OutBuffer,
+  PacketCursor,
   T_ARRAY,
   T_BIN,
   T_BOOL,
@@ -25,26 +26,10 @@ const TWO_32 = 0x1_0000_0000;
 const MAX_DEPTH = 32;
 const utf8 = new TextDecoder("utf-8", { fatal: true });
 
-export class MsgpackReader implements WireReader {
+export class MsgpackReader extends PacketCursor implements WireReader {
   readonly encoding = MSGPACK;
   readonly strictFields = true;
-  why = "";
-  private b: Uint8Array = new Uint8Array(0);
-  private pos = 0;
-  private end = 0;
-  private tokStart = 0;
-  private tokEnd = 0;
   private readonly left = new Float64Array(MAX_DEPTH);
-  private depth = 0;
-
-  reset(b: Uint8Array, start: number, end: number): this {
-    this.b = b;
-    this.pos = start;
-    this.end = Math.min(end, b.length);
-    this.depth = 0;
-    this.why = "";
-    return this;
-  }
 
   peek(): number {
     if (this.pos >= this.end) return T_NONE;
@@ -279,10 +264,6 @@ export class MsgpackReader implements WireReader {
     return this.pos === this.end;
   }
 
-  private fail(why: string): number {
-    this.why = why;
-    return -1;
-  }
 
   private truncated(at: number): number {
     this.pos = at;

@@ -56,6 +56,34 @@ export interface WireReader {
   atEnd(): boolean;
 }
 
+/** What both readers keep: the packet's bytes, where they are, the last string token. */
+export class PacketCursor {
+  why = "";
+  protected b: Uint8Array = new Uint8Array(0);
+  protected pos = 0;
+  protected end = 0;
+  /** The last string token's bytes, [tokStart, tokEnd) of the packet. */
+  protected tokStart = 0;
+  protected tokEnd = 0;
+  /** Containers open. */
+  protected depth = 0;
+
+  /** Bytes [start, end) of `b` (never past its end, whatever the caller says). */
+  reset(b: Uint8Array, start: number, end: number): this {
+    this.b = b;
+    this.pos = start;
+    this.end = Math.min(end, b.length);
+    this.depth = 0;
+    this.why = "";
+    return this;
+  }
+
+  protected fail(why: string): number {
+    this.why = why;
+    return -1;
+  }
+}
+
 export interface WireWriter {
   readonly encoding: Encoding;
   /** Descriptors written so far, in index order (what the packet's SCM_RIGHTS carries). */

@@ -10,7 +10,7 @@ import {
   Refusal,
   type ExecContext,
 } from "../memory";
-import { regionIdOf } from "../memory/region_state";
+import { isArena, regionIdOf } from "../memory/region_state";
 import {
   decodeFileMappings,
   decodeRequest,
@@ -116,10 +116,12 @@ export class Requests {
     return resp;
   }
 
+  /** Whether a RegisterMemory lands in a prepared arena (a fixed mapping, two host mappings). */
   private landsInArena(dest: Request<"RegisterMemory">["RegisterMemory"]["dest"]): boolean {
     if ("ExistingAllocation" in dest) return true;
     const g = regionIdOf(dest.GuestPhysicalAddress);
-    return g >= 0 && this.ctx.state.top.find(g)?.value !== undefined && "fixed" in this.ctx.state.top.find(g)!.value;
+    const hit = g >= 0 ? this.ctx.state.top.find(g) : undefined;
+    return hit !== undefined && isArena(hit.value);
   }
 
   /** Records what a request made the connection hold (or no longer hold). */
