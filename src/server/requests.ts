@@ -64,15 +64,29 @@ export class Requests {
         // follow: learn its shape, so the one answer comes after them.
         const shape = flags & sys.MSG_CTRUNC && !(flags & sys.MSG_TRUNC) ? decodeRequestShape(buf, start, end, enc) : null;
         if (shape !== null && typeof shape === "object" && "MmapAndRegisterMemory" in shape) return this.startMmap(conn, shape, enc, bad);
-        return this.respond(conn, errResponse(bad), enc);
+        return this.answer(conn, errResponse(bad), enc, null);
       }
       const req = decodeRequest(buf, start, end, fds, enc);
-      if (req instanceof Refusal) return this.respond(conn, errResponse(req), enc);
+      if (req instanceof Refusal) return this.answer(conn, errResponse(req), enc, null);
       if (typeof req === "object" && "MmapAndRegisterMemory" in req) return this.startMmap(conn, req, enc, null);
-      this.respond(conn, this.execute(conn, req), enc);
+      this.answer(conn, this.execute(conn, req), enc, req);
     } finally {
       for (const fd of fds) closeQuietly(fd);
     }
+  }
+
+  /**
+   * Sends the answer; a refusal is logged at info with the peer, the request's kind and the
+   * errno (rate limited: one line per second, with a count of the rest).
+   */
+  private answer(conn: Connection, resp: VmMemoryResponse, enc: Encoding, req: VmMemoryRequest | string | null): void {
+    if (typeof resp === "object" && "Err" in resp && this.log.enabled("info")) {
+      let kind = typeof req === "string" ? req : "malformed";
+      if (req !== null && typeof req === "object") for (const k in req) kind = k;
+      const e = resp.Err;
+      this.log.limited.info("refused a request", { conn: conn.id, pid: conn.peer.pid, uid: conn.peer.uid, request: kind, errno: e.errno === null ? "none" : sys.errnoName(e.errno), cause: e.chain[0] });
+    }
+    this.respond(conn, resp, enc);
   }
 
   /** Limits every packet must meet before it is decoded (a request or a follow-up chunk). */
@@ -207,7 +221,7 @@ export class Requests {
     conn.pending = null;
     if (p.failure !== null || p.registration === null) {
       this.abandonPending(conn, p);
-      return this.respond(conn, errResponse(p.failure ?? Refusal.of("EINVAL", "no registration")), p.encoding);
+      return this.answer(conn, errResponse(p.failure ?? Refusal.of("EINVAL", "no registration")), p.encoding, "MmapAndRegisterMemory");
     }
     const resp = p.registration.finish();
     p.registration = null;
@@ -216,7 +230,7 @@ export class Requests {
       const size = this.ctx.state.regions.get(id)?.size ?? 0;
       this.ledger.recordRegion(conn.holdings, id, size, p.charged, p.charged);
     } else this.ledger.chargeMappings(conn.holdings, -p.charged);
-    this.respond(conn, resp, p.encoding);
+    this.answer(conn, resp, p.encoding, "MmapAndRegisterMemory");
   }
 
   /** Releases what a failed or abandoned MmapAndRegisterMemory mapped so far. */
