@@ -10,7 +10,8 @@ export const SERVE_HELP = `usage: vmemd serve --socket PATH [options]
 
 Creates a KVM virtual machine and serves its memory plane on PATH.
 
-  --socket PATH             Unix socket to listen on (SOCK_SEQPACKET); a stale file is replaced
+  --socket PATH             Unix socket to listen on (SOCK_SEQPACKET); a stale socket there is
+                            replaced, anything else refused
   --memory SIZE             guest RAM (default 256M); K/M/G suffixes
   --prefault                touch all guest RAM at start rather than on the guest's first touch
   --pci-bar BB:DD.F/BAR=SIZE

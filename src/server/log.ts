@@ -104,5 +104,5 @@ export class RateLimitedLog {
 }
 
 function seconds(ms: number): string {
-  return `${Math.max(1, Math.round(ms / 1000))}s`;
+  return ms < 10_000 ? `${(ms / 1000).toFixed(1)}s` : `${Math.round(ms / 1000)}s`;
 }
