@@ -32,13 +32,22 @@ export class Logger {
         .join(" ");
       line = `${time} ${level.toUpperCase().padEnd(5)} ${msg}${kv ? " " + kv : ""}`;
     }
+    if (this.dropped > 0) line = `${line} (${this.dropped} earlier log lines dropped: the log was full)`;
     const bytes = Buffer.from(line + "\n");
+    // Never wait for the log: a reader that stops reading (a full pipe) must not stall the
+    // server. A pipe that polls writable takes a line this short whole.
     try {
-      sys.write(this.fd, bytes);
+      if (sys.pollOne(this.fd, sys.POLLOUT, 0) & sys.POLLOUT) {
+        sys.write(this.fd, bytes);
+        this.dropped = 0;
+      } else this.dropped++;
     } catch {
       // A closed stderr must not take the server down.
     }
   }
+
+  /** Lines not written because the log could take no more at the time. */
+  private dropped = 0;
   debug(msg: string, fields?: Record<string, unknown>): void {
     this.log("debug", msg, fields);
   }

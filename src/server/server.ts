@@ -191,7 +191,7 @@ export class Server {
         this.txConn = null;
       }
       // A peer that hangs up with responses owed is a disconnect, not a failure.
-      if (!peerGone(e)) this.opts.log.warn("connection failed", { conn: conn.id, error: String(e) });
+      if (!peerGone(e)) this.opts.log.limited.warn("connection failed", { conn: conn.id, error: String(e) });
       this.disconnect(conn);
     }
   }
@@ -202,7 +202,7 @@ export class Server {
       try {
         fd = sys.accept(this.listener);
       } catch (e) {
-        this.opts.log.warn("accept failed", { error: String(e) });
+        this.opts.log.limited.warn("accept failed", { error: String(e) });
         // EMFILE/ENFILE: the connection stays queued and the listener readable. Use the
         // reserve descriptor to take it and close it, so the loop does not spin on it.
         if (this.reserveFd !== -1) {
@@ -218,7 +218,7 @@ export class Server {
       try {
         this.admit(fd);
       } catch (e) {
-        this.opts.log.warn("could not take a connection", { error: String(e) });
+        this.opts.log.limited.warn("could not take a connection", { error: String(e) });
         closeQuietly(fd);
       }
     }
