@@ -8,3 +8,4 @@ export * from "./epoll";
 export * from "./timerfd";
 export * from "./thread";
 export * from "./batch";
+export * from "./seccomp";
