@@ -9,3 +9,4 @@ export * from "./timerfd";
 export * from "./thread";
 export * from "./batch";
 export * from "./seccomp";
+export * from "./capability";
