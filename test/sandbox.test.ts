@@ -80,7 +80,7 @@ describe("the filter, call by call", () => {
     }
     // The kernel takes the command as an unsigned int: the upper half does not matter.
     expect(verdict("ioctl", 3, 0xffffffff_00000000n | BigInt(sys.KVM_RUN))).toBe("allow");
-    for (const cmd of [0x5412 /* TIOCSTI */, 0x541c /* TIOCCONS */, 0x4b3a /* KDSETMODE */, 0x1261 /* BLKFLSBUF */, 0x8004ae00 /* type 0xAE, different direction bits: allowed */]) {
+    for (const cmd of [0x5412 /* TIOCSTI */, 0x541c /* TIOCLINUX */, 0x541d /* TIOCCONS */, 0x4b3a /* KDSETMODE */, 0x1261 /* BLKFLSBUF */, 0x8004ae00 /* type 0xAE, different direction bits: allowed */]) {
       expect([cmd, verdict("ioctl", 3, cmd)]).toEqual([cmd, cmd === 0x8004ae00 ? "allow" : "EPERM"]);
     }
 
