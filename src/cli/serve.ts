@@ -5,6 +5,7 @@ import { RegionState, Refusal, SystemAllocator, describeAlloc, type ExecContext 
 import { DEFAULT_BUDGETS, DEFAULT_SERVER_OPTIONS, descriptorsNeeded, Logger, mappingBudget, Server, type LogFormat, type LogLevel } from "../server";
 import { flag, parseFlags, parseNumber, parsePciBarSize, parseSize, UsageError } from "./args";
 import type { GuestHandle } from "./guest";
+import { enterSandbox } from "./sandbox";
 
 export const SERVE_HELP = `usage: vmemd serve --socket PATH [options]
 
@@ -40,6 +41,7 @@ Creates a KVM virtual machine and serves its memory plane on PATH.
   --serial PATH             write the guest's serial output to PATH (default: stdout)
   --log-level LEVEL         debug, info, warn, error (default info)
   --log-format FORMAT       text or json (default text)
+  --no-sandbox              serve without the seccomp filter and capability drop (docs/security.md)
 `;
 
 const SPEC = {
@@ -65,6 +67,7 @@ const SPEC = {
   serial: { value: true },
   "log-level": { value: true },
   "log-format": { value: true },
+  "no-sandbox": { value: false },
   help: { value: false },
 };
 
@@ -183,6 +186,7 @@ export async function serve(argv: string[]): Promise<number> {
       guest = attachGuest(vm, server, { guestPath, serialPath: flag(p, "serial"), log });
     }
     server.listen();
+    if (!p.flags.has("no-sandbox")) enterSandbox(log);
     if (readyFd !== -1) notifyReady(readyFd, log);
     log.info("vmemd ready", {
       socket: socketPath,

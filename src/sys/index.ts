@@ -8,3 +8,5 @@ export * from "./epoll";
 export * from "./timerfd";
 export * from "./thread";
 export * from "./batch";
+export * from "./seccomp";
+export * from "./capability";

@@ -53,6 +53,9 @@ export const libc = dlopen("libc.so.6", {
   getpid: { args: [], returns: i32 },
   getppid: { args: [], returns: i32 },
   prctl: { args: [i32, u64, u64, u64, u64], returns: i32 },
+  capset: { args: [ptr, ptr], returns: i32 },
+  // Variadic; for seccomp(2), which glibc 2.36 does not wrap.
+  syscall: { args: [u64, u64, u64, ptr], returns: i64_fast },
   gettid: { args: [], returns: i32 },
   tgkill: { args: [i32, i32, i32], returns: i32 },
   pthread_sigmask: { args: [i32, ptr, ptr], returns: i32 },
