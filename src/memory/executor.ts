@@ -303,15 +303,30 @@ function registerMemory(ctx: ExecContext, source: VmMemorySource, dest: VmMemory
   const guest = placement.guest;
   const busy = checkFreeGuestRange(ctx, guest, src.mapped);
   if (busy !== null) return busy;
-  const mapping = wrapSys(() => MemoryMapping.fromDescriptor(src.fd, src.offset, src.mapped, protection, src.private_), "failed to map the memory source");
-  const slot = wrapSys(() => ctx.vm.addMemoryRegion(guest, mapping, readOnly, cache), `failed to add memory region at ${hex(guest)} when registering memory`);
+  // try/catch inline, not a helper taking closures and a message: on this path a closure
+  // makes JSC allocate the function's scope, and a template string is built on every call.
+  let mapping: MemoryMapping;
+  try {
+    mapping = MemoryMapping.fromDescriptor(src.fd, src.offset, src.mapped, protection, src.private_);
+  } catch (e) {
+    throw VmMemoryError.from(e).context("failed to map the memory source");
+  }
+  let slot: MemSlot;
+  try {
+    slot = ctx.vm.addMemoryRegion(guest, mapping, readOnly, cache);
+  } catch (e) {
+    throw VmMemoryError.from(e).context(`failed to add memory region at ${hex(guest)} when registering memory`);
+  }
   const region: Region = { id: guest, size: src.mapped, slot, readOnly, arena: null };
   ctx.state.regions.set(guest, region);
   ctx.state.top.insert(guest, guest + src.mapped, region);
   return { RegisterMemory: { region_id: guest, slot } };
 }
 
-/** Runs a system-call step; a SysError becomes a VmMemoryError with `context` (thrown: the rare path). */
+/**
+ * Runs a system-call step; a SysError becomes a VmMemoryError with `context` (thrown: the
+ * rare path). For the requests that are not per-register traffic.
+ */
 function wrapSys<T>(f: () => T, context: string): T {
   try {
     return f();
@@ -331,10 +346,11 @@ function mapIntoArena(ctx: ExecContext, arena: PreparedArena, guest: GuestAddres
     return Refusal.of("ENOSPC", `guest range ${hex(guest)}..${hex(end)} overlaps region ${hex(hit.start)} in the prepared region of ${describeAlloc(arena.alloc)}`);
   }
   const offset = guest - arena.start;
-  wrapSys(
-    () => ctx.vm.addFdMapping(arena.slot, offset, src.mapped, src.fd, src.offset, protection, src.private_),
-    `failed to add fd mapping at offset ${hex(offset)} of the prepared region of ${describeAlloc(arena.alloc)}`,
-  );
+  try {
+    ctx.vm.addFdMapping(arena.slot, offset, src.mapped, src.fd, src.offset, protection, src.private_);
+  } catch (e) {
+    throw VmMemoryError.from(e).context(`failed to add fd mapping at offset ${hex(offset)} of the prepared region of ${describeAlloc(arena.alloc)}`);
+  }
   const region: Region = { id: guest, size: src.mapped, slot: arena.slot, readOnly, arena };
   ctx.state.regions.set(guest, region);
   arena.fixed.insert(guest, end, region);
@@ -507,7 +523,11 @@ function freeRanges(ctx: ExecContext, ranges: GuestRange[]): Result {
   const checked = checkRamRanges(ctx.vm, ranges);
   if (checked instanceof Refusal) return checked;
   for (const [guest, size] of checked) {
-    wrapSys(() => ctx.vm.removeRamRange(guest, size), `failed to remove RAM range ${hex(guest)}+${hex(size)}`);
+    try {
+      ctx.vm.removeRamRange(guest, size);
+    } catch (e) {
+      throw VmMemoryError.from(e).context(`failed to remove RAM range ${hex(guest)}+${hex(size)}`);
+    }
     ctx.state.freed.add(guest, guest + size);
   }
   return "Ok";
