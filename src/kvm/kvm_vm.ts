@@ -193,19 +193,21 @@ export class KvmVm implements Vm {
     this.arena(slot, "remove_mapping").unmapFixed(offset, size);
   }
 
-  private ioeventfd(eventFd: number, addr: GuestAddress, dm: IoeventDatamatch, deassign: boolean): void {
+  /** KVM_IOEVENTFD; 0, or the errno KVM answered (a duplicate, an unknown one, a bad eventfd). */
+  private ioeventfd(eventFd: number, addr: GuestAddress, dm: IoeventDatamatch, deassign: boolean): number {
     let flags = deassign ? sys.KVM_IOEVENTFD_FLAG_DEASSIGN : 0;
     if (dm.value !== null) flags |= sys.KVM_IOEVENTFD_FLAG_DATAMATCH;
     sys.encodeIoeventfd(this.ioeventBuf, dm.value ?? 0n, addr, dm.length, eventFd, flags);
-    sys.ioctl(this.fd, sys.KVM_IOEVENTFD, this.ioeventBuf, "KVM_IOEVENTFD");
+    const rc = sys.tryIoctl(this.fd, sys.KVM_IOEVENTFD, this.ioeventBuf, "KVM_IOEVENTFD");
+    return rc < 0 ? -rc : 0;
   }
 
-  registerIoevent(eventFd: number, addr: GuestAddress, datamatch: IoeventDatamatch): void {
-    this.ioeventfd(eventFd, addr, datamatch, false);
+  registerIoevent(eventFd: number, addr: GuestAddress, datamatch: IoeventDatamatch): number {
+    return this.ioeventfd(eventFd, addr, datamatch, false);
   }
 
-  unregisterIoevent(eventFd: number, addr: GuestAddress, datamatch: IoeventDatamatch): void {
-    this.ioeventfd(eventFd, addr, datamatch, true);
+  unregisterIoevent(eventFd: number, addr: GuestAddress, datamatch: IoeventDatamatch): number {
+    return this.ioeventfd(eventFd, addr, datamatch, true);
   }
 
   /** Host address of guest RAM at `guest`, when [guest, guest+size) is all RAM. */

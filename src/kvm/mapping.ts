@@ -19,6 +19,12 @@ export class MemoryMapping {
     return new MemoryMapping(sys.mmap(0, size, prot, private_ ? sys.MAP_PRIVATE : sys.MAP_SHARED, fd, offset), size);
   }
 
+  /** fromDescriptor, for a descriptor a client chose: the mapping, or the errno mmap gave. */
+  static tryFromDescriptor(fd: number, offset: number, size: number, prot: number, private_ = false): MemoryMapping | number {
+    const p = sys.tryMmap(0, size, prot, private_ ? sys.MAP_PRIVATE : sys.MAP_SHARED, fd, offset);
+    return p < 0 ? -p : new MemoryMapping(p, size);
+  }
+
   /** Anonymous memory that reads as zeros and takes no host memory until written. */
   static anonymous(size: number, prot: number): MemoryMapping {
     return new MemoryMapping(sys.mmap(0, size, prot, ANON_RESERVED, -1, 0), size);
@@ -26,17 +32,21 @@ export class MemoryMapping {
 
   /** Maps `size` bytes of `fd` over [offset, offset+size) of this mapping (MAP_FIXED). */
   mapFixed(offset: number, size: number, fd: number, fdOffset: number, prot: number, private_ = false): void {
+    const errno = this.tryMapFixed(offset, size, fd, fdOffset, prot, private_);
+    if (errno !== 0) throw new sys.SysError("mmap", errno);
+  }
+
+  /** mapFixed for a descriptor a client chose: 0, or the errno mmap gave (nothing thrown). */
+  tryMapFixed(offset: number, size: number, fd: number, fdOffset: number, prot: number, private_ = false): number {
     this.checkRange(offset, size);
+    const p = sys.tryMmap(this.addr + offset, size, prot, (private_ ? sys.MAP_PRIVATE : sys.MAP_SHARED) | sys.MAP_FIXED, fd, fdOffset);
+    if (p >= 0) return 0;
+    // Some kernels unmap the old range before a MAP_FIXED mmap fails: put the arena's
+    // memory back, so no hole is left for an unrelated mapping to land in.
     try {
-      sys.mmap(this.addr + offset, size, prot, (private_ ? sys.MAP_PRIVATE : sys.MAP_SHARED) | sys.MAP_FIXED, fd, fdOffset);
-    } catch (e) {
-      // Some kernels unmap the old range before a MAP_FIXED mmap fails: put the arena's
-      // memory back, so no hole is left for an unrelated mapping to land in.
-      try {
-        this.unmapFixed(offset, size);
-      } catch {}
-      throw e;
-    }
+      this.unmapFixed(offset, size);
+    } catch {}
+    return -p;
   }
 
   /** Puts read-only anonymous memory back over [offset, offset+size) (an arena's empty state). */

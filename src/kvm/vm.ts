@@ -44,8 +44,9 @@ export interface Vm {
   /** Puts the arena's anonymous read-only memory back over [offset, offset+size). */
   removeMapping(slot: MemSlot, offset: number, size: number): void;
 
-  registerIoevent(eventFd: number, addr: GuestAddress, datamatch: IoeventDatamatch): void;
-  unregisterIoevent(eventFd: number, addr: GuestAddress, datamatch: IoeventDatamatch): void;
+  /** 0, or the errno KVM answered: a client drives these, so failure is a value. */
+  registerIoevent(eventFd: number, addr: GuestAddress, datamatch: IoeventDatamatch): number;
+  unregisterIoevent(eventFd: number, addr: GuestAddress, datamatch: IoeventDatamatch): number;
 
   /** Gives [guest, guest+size) of RAM back to the host; the guest reads zeros there afterwards. */
   removeRamRange(guest: GuestAddress, size: number): void;

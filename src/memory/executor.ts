@@ -305,12 +305,9 @@ function registerMemory(ctx: ExecContext, source: VmMemorySource, dest: VmMemory
   if (busy !== null) return busy;
   // try/catch inline, not a helper taking closures and a message: on this path a closure
   // makes JSC allocate the function's scope, and a template string is built on every call.
-  let mapping: MemoryMapping;
-  try {
-    mapping = MemoryMapping.fromDescriptor(src.fd, src.offset, src.mapped, protection, src.private_);
-  } catch (e) {
-    throw VmMemoryError.from(e).context("failed to map the memory source");
-  }
+  const mapping = MemoryMapping.tryFromDescriptor(src.fd, src.offset, src.mapped, protection, src.private_);
+  // A descriptor the kernel will not map (a socket, a pipe) is the client's to send: a refusal.
+  if (typeof mapping === "number") return new Refusal(mapping, [sys.sysMessage("mmap", mapping), "failed to map the memory source"]);
   let slot: MemSlot;
   try {
     slot = ctx.vm.addMemoryRegion(guest, mapping, readOnly, cache);
@@ -462,12 +459,8 @@ export class MmapRegistration {
     if (info instanceof Refusal) return info;
     const outside = checkInside(info.objectSize, fileOffset, length, what);
     if (outside !== null) return outside;
-    try {
-      mapping.mapFixed(memOffset, span, f.file, fileOffset, sys.PROT_READ, info.writeSealed);
-    } catch (e) {
-      return errorRefusal(e).context(`failed to map ${what} at offset ${hex(memOffset)}`);
-    }
-    return null;
+    const errno = mapping.tryMapFixed(memOffset, span, f.file, fileOffset, sys.PROT_READ, info.writeSealed);
+    return errno === 0 ? null : new Refusal(errno, [sys.sysMessage("mmap", errno), `failed to map ${what} at offset ${hex(memOffset)}`]);
   }
 
   /** Adds the slot; the mapping is the VM's from here on, whatever the outcome. */
@@ -555,9 +548,8 @@ function ioEvent(ctx: ExecContext, event: number, addr: U64, dm: Datamatch, regi
   const guest = num(addr);
   if (guest < 0) return tooLarge("ioevent address", addr);
   const datamatch = ioeventDatamatch(dm);
-  if (register) ctx.vm.registerIoevent(event, guest, datamatch);
-  else ctx.vm.unregisterIoevent(event, guest, datamatch);
-  return "Ok";
+  const errno = register ? ctx.vm.registerIoevent(event, guest, datamatch) : ctx.vm.unregisterIoevent(event, guest, datamatch);
+  return errno === 0 ? "Ok" : new Refusal(errno, [sys.sysMessage("KVM_IOEVENTFD", errno)]);
 }
 
 // ---- vmemd extensions ------------------------------------------------------

@@ -25,6 +25,11 @@ export function lastErrno(): number {
   return read.i32(libc.__errno_location()!, 0);
 }
 
+/** How a failed call reads in an error chain: "mmap: No such device (ENODEV)". */
+export function sysMessage(call: string, errno: number): string {
+  return `${call}: ${libc.strerror(errno)} (${errnoName(errno)})`;
+}
+
 /** A failed system call: `call` says what was attempted, `errno` why it failed. */
 export class SysError extends Error {
   readonly errno: number;
@@ -32,7 +37,7 @@ export class SysError extends Error {
   readonly call: string;
   constructor(call: string, errno: number) {
     const code = errnoName(errno);
-    super(`${call}: ${libc.strerror(errno)} (${code})`);
+    super(sysMessage(call, errno));
     this.name = "SysError";
     this.errno = errno;
     this.code = code;

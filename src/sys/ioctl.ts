@@ -22,6 +22,21 @@ export function ioctl(fd: number, request: number, arg: ArrayBufferView | number
   }
 }
 
+/** ioctl whose failure is an answer a client drives (a duplicate ioeventfd): rc, or -errno. */
+export function tryIoctl(fd: number, request: number, arg: ArrayBufferView | number, name: string): number {
+  try {
+    checkFault(name);
+  } catch (e) {
+    return -(e as SysError).errno;
+  }
+  for (;;) {
+    const rc = libc.ioctl(fd, request, arg as unknown as Pointer);
+    if (rc !== -1) return rc;
+    const errno = lastErrno();
+    if (errno !== EINTR) return -errno;
+  }
+}
+
 // _IO(KVMIO, n)
 export const KVM_GET_API_VERSION = 0xae00;
 export const KVM_CREATE_VM = 0xae01;

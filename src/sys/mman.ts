@@ -36,6 +36,20 @@ export function mmap(
   return p;
 }
 
+/**
+ * mmap for a mapping a client's descriptor decides (it may not be mappable at all): the
+ * address, or -errno. Nothing is thrown: a client can make this fail at request rate.
+ */
+export function tryMmap(addr: HostAddress, length: number, prot: number, flags: number, fd: number, offset: number): number {
+  try {
+    checkFault("mmap");
+  } catch (e) {
+    return -(e as SysError).errno;
+  }
+  const p = libc.mmap(addr, length, prot, flags, fd, offset) as number;
+  return p === -1 ? -lastErrno() : p;
+}
+
 export function munmap(addr: HostAddress, length: number): void {
   check("munmap", libc.munmap(addr, length));
 }
