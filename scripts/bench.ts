@@ -23,7 +23,7 @@ const BINARY = join(ROOT, "dist", "vmemd");
 const work = mkdtempSync(join(tmpdir(), "vmemd-bench-"));
 const quick = process.argv.includes("--quick");
 /** `--only rtt,register` (or `--only=...`): just those sections, for iterating on one figure. */
-const SECTIONS = ["rtt", "register", "regions", "startup", "memory", "free"];
+const SECTIONS = ["rtt", "register", "cycle", "regions", "startup", "memory", "free"];
 const only = (() => {
   const args = process.argv.slice(2);
   const at = args.findIndex((a) => a === "--only" || a.startsWith("--only="));
@@ -208,6 +208,44 @@ class ThreadCpuMeter {
   }
 }
 
+
+/** CPU time (ns) of every thread of a process so far (the schedstat of each of its tasks). */
+function processCpuNs(pid: number): number {
+  let total = 0;
+  for (const tid of readdirSync(`/proc/${pid}/task`)) {
+    try {
+      total += Number(readFileSync(`/proc/${pid}/task/${tid}/schedstat`, "utf8").split(" ")[0]);
+    } catch {} // a thread that ended between the listing and the read
+  }
+  return total;
+}
+
+/** A memfd whose seals cannot be added (Python's os.memfd_create default, most C code). */
+function unsealableMemfd(size: number): number {
+  const fd = sys.memfdCreate("bench-no-sealing", 1 /* MFD_CLOEXEC only */);
+  sys.ftruncate(fd, size);
+  return fd;
+}
+
+/**
+ * Blocks of `n` round trips of the packets `pkts` (sent in turn, each answered before the
+ * next); per block, the median round trip of a whole `pkts` sequence and the server's CPU per
+ * sequence (all its threads). `check` looks at each answer.
+ */
+function cycleBlock(client: VmemClient, serverPid: number, pkts: Packet[], n: number, check: (i: number, r: unknown) => void): { latency: number; cpu: number } {
+  const times: number[] = [];
+  const cpu0 = processCpuNs(serverPid);
+  for (let i = 0; i < n; i++) {
+    const t0 = Bun.nanoseconds();
+    for (let k = 0; k < pkts.length; k++) {
+      client.sendPacket(pkts[k]!);
+      check(k, client.recv());
+    }
+    times.push(Bun.nanoseconds() - t0);
+  }
+  return { latency: median(times), cpu: (processCpuNs(serverPid) - cpu0) / n };
+}
+
 // ---- figures ---------------------------------------------------------------
 
 interface Figure {
@@ -371,6 +409,101 @@ async function main(): Promise<void> {
     await refs?.bun.stop();
     await echo.stop();
     await v.stop();
+  }
+
+  // 3b: the register cycle as users meet it, against a C server that makes vmemd's system
+  // calls per cycle (scripts/c/kvm_register_server.c) over the same socket: blocks of 1000
+  // cycles alternating between the two (median of the blocks, not the best), latency and the
+  // server's CPU per cycle side by side; sealable and non-sealable memfds; an Err round trip
+  // against an Ok one; a fresh server's first 2000 cycles.
+  if (wanted("cycle")) {
+    const BLOCK = scale(1000);
+    const BLOCKS = quick ? 4 : 15;
+    const kvmServerBin = compile("kvm_register_server");
+    const guest = 0x40_0000_0000;
+    // vmemd answers RegisterMemory then Ok; the C server answers "Ok" to both (it makes the
+    // same system calls, not the same answers).
+    const ok = (_k: number, r: unknown) => {
+      if (typeof r === "object" && r !== null && "Err" in r) throw new Error(`cycle: ${JSON.stringify(r)}`);
+    };
+    const sides = async () => ({ v: await startVmemd(["--memory", "64M"]), c: await startEcho(kvmServerBin) });
+    const { v, c } = await sides();
+    const vc = VmemClient.connect(v.socket);
+    const cc = VmemClient.connect(c.socket);
+    const rows: { name: string; target: string; limit: number; v: Packet[]; c: Packet[] | null; pid?: number }[] = [];
+    const sealed = memfd(4096);
+    const unsealed = unsealableMemfd(4096);
+    const pair = (fd: number) => cyclePackets(fd, 4096, guest);
+    // Warm both (vmemd's JIT until its compiler is quiet), then alternate.
+    warmUntilJitQuiet(vc, v.proc.pid, sealed, 4096, () => guest);
+    for (const fd of [sealed, unsealed]) cycleBlock(cc, c.proc.pid, pair(fd), scale(5000), ok);
+    cycleBlock(vc, v.proc.pid, pair(unsealed), scale(20000), ok);
+    rows.push({ name: "register cycle, sealable memfd", target: "≤ 1.10×", limit: 1.1, v: pair(sealed), c: pair(sealed) });
+    rows.push({ name: "register cycle, memfd without sealing", target: "≤ 1.10×", limit: 1.1, v: pair(unsealed), c: pair(unsealed) });
+    raw.cycle = {};
+    for (const row of rows) {
+      const vs: { latency: number; cpu: number }[] = [];
+      const cs: { latency: number; cpu: number }[] = [];
+      for (let b = 0; b < BLOCKS; b++) {
+        // Each block pair starts with the other side every time.
+        const runV = () => vs.push(cycleBlock(vc, v.proc.pid, row.v, BLOCK, ok));
+        const runC = () => cs.push(cycleBlock(cc, c.proc.pid, row.c!, BLOCK, ok));
+        if (b % 2 === 0) (runV(), runC());
+        else (runC(), runV());
+      }
+      const lat = median(vs.map((x) => x.latency)) / median(cs.map((x) => x.latency));
+      const cpu = median(vs.map((x) => x.cpu)) / median(cs.map((x) => x.cpu));
+      (raw.cycle as Record<string, unknown>)[row.name] = { vmemd: vs, c: cs };
+      figure(`${row.name}: latency`, us(median(vs.map((x) => x.latency))), `${us(median(cs.map((x) => x.latency)))} (C server)`, lat, row.target, lat <= row.limit);
+      figure(`${row.name}: server CPU`, us(median(vs.map((x) => x.cpu))), `${us(median(cs.map((x) => x.cpu)))} (C server)`, cpu, row.target, cpu <= row.limit);
+    }
+    // An Err answer costs what an Ok does: UnregisterMemory of an unknown region against
+    // BalloonTargetReached, both one request with no system call, on the same warm server.
+    {
+      const okReq = [encodeRequest({ BalloonTargetReached: { size: 1 } })];
+      const errReq = [encodeRequest({ UnregisterMemory: 0x5000 })];
+      const any = () => {};
+      cycleBlock(vc, v.proc.pid, errReq, scale(20000), any);
+      const oks: { latency: number; cpu: number }[] = [];
+      const errs: { latency: number; cpu: number }[] = [];
+      for (let b = 0; b < BLOCKS; b++) {
+        oks.push(cycleBlock(vc, v.proc.pid, okReq, BLOCK, any));
+        errs.push(cycleBlock(vc, v.proc.pid, errReq, BLOCK, any));
+      }
+      const lat = median(errs.map((x) => x.latency)) / median(oks.map((x) => x.latency));
+      const cpu = median(errs.map((x) => x.cpu)) / median(oks.map((x) => x.cpu));
+      figure("Err round trip (unknown region) vs Ok round trip: latency", us(median(errs.map((x) => x.latency))), us(median(oks.map((x) => x.latency))), lat, "≤ 1.1×", lat <= 1.1);
+      figure("Err round trip (unknown region) vs Ok round trip: server CPU", us(median(errs.map((x) => x.cpu))), us(median(oks.map((x) => x.cpu))), cpu, "≤ 1.1×", cpu <= 1.1);
+    }
+    vc.close();
+    cc.close();
+    await v.stop();
+    await c.stop();
+    // A fresh server's first 2000 cycles, against a fresh C server's, three of each in turn.
+    {
+      const fresh: number[] = [];
+      const freshC: number[] = [];
+      for (let r = 0; r < (quick ? 1 : 3); r++) {
+        const s = await sides();
+        const a = VmemClient.connect(s.v.socket);
+        const b = VmemClient.connect(s.c.socket);
+        const first = (cl: VmemClient, pid: number) => {
+          const t0 = Bun.nanoseconds();
+          cycleBlock(cl, pid, pair(sealed), 2000, ok);
+          return (Bun.nanoseconds() - t0) / 2000;
+        };
+        if (r % 2 === 0) (fresh.push(first(a, s.v.proc.pid)), freshC.push(first(b, s.c.proc.pid)));
+        else (freshC.push(first(b, s.c.proc.pid)), fresh.push(first(a, s.v.proc.pid)));
+        a.close();
+        b.close();
+        await s.v.stop();
+        await s.c.stop();
+      }
+      const ratio = median(fresh) / median(freshC);
+      figure("first 2000 cycles of a fresh server, mean", us(median(fresh)), `${us(median(freshC))} (C server)`, ratio, "≤ 1.3×", ratio <= 1.3);
+    }
+    sys.close(sealed);
+    sys.close(unsealed);
   }
 
   // 4: cost per request as live regions grow.

@@ -163,3 +163,16 @@ describe("ctl against a running server", () => {
     expect(counts.slice(1).every((n) => n === 1)).toBe(true);
   });
 });
+
+describe("--prefault", () => {
+  test("guest RAM is all resident (written) before the socket is ready", async () => {
+    const s = await VmemdProcess.start(["--memory", "128M", "--prefault"]);
+    try {
+      const status = require("node:fs").readFileSync(`/proc/${s.pid}/status`, "utf8") as string;
+      const shmem = Number(/RssShmem:\s+(\d+) kB/.exec(status)![1]) * 1024;
+      expect(shmem).toBeGreaterThanOrEqual(128 * 2 ** 20);
+    } finally {
+      expect(await s.stop()).toBe(0);
+    }
+  });
+});

@@ -15,6 +15,8 @@ export const MAP_NORESERVE = 0x4000;
 export const MAP_POPULATE = 0x8000;
 export const MADV_DONTNEED = 4;
 export const MADV_REMOVE = 9;
+// Linux 5.14+: fault every page in writable, as a write to each would (include/uapi/asm-generic/mman-common.h).
+export const MADV_POPULATE_WRITE = 23;
 
 export const PAGE_SIZE = 4096;
 
@@ -57,6 +59,11 @@ export function munmap(addr: HostAddress, length: number): void {
 export function madvise(addr: HostAddress, length: number, advice: number): void {
   checkFault("madvise");
   check("madvise", libc.madvise(addr, length, advice));
+}
+
+/** madvise whose failure is an answer (an older kernel's EINVAL): 0, or the errno. */
+export function tryMadvise(addr: HostAddress, length: number, advice: number): number {
+  return libc.madvise(addr, length, advice) === -1 ? lastErrno() : 0;
 }
 
 /** A byte view of mapped memory, without a copy. Valid only while the mapping lives. */
