@@ -189,8 +189,8 @@ export class KvmVm implements Vm {
     return r.mapping!;
   }
 
-  addFdMapping(slot: MemSlot, offset: number, size: number, fd: number, fdOffset: number, prot: number, private_: boolean): void {
-    this.arena(slot, "add_fd_mapping").mapFixed(offset, size, fd, fdOffset, prot, private_);
+  addFdMapping(slot: MemSlot, offset: number, size: number, fd: number, fdOffset: number, prot: number, private_: boolean): number {
+    return this.arena(slot, "add_fd_mapping").tryMapFixed(offset, size, fd, fdOffset, prot, private_);
   }
 
   removeMapping(slot: MemSlot, offset: number, size: number): void {

@@ -40,7 +40,8 @@ export interface Vm {
   /** Reserves [guest, guest+size) as read-only anonymous memory in one slot (an arena). */
   prepareArena(guest: GuestAddress, size: number, cache: MemCacheType): MemSlot;
   /** Maps `size` bytes of `fd` at `fdOffset` into the arena in `slot` at `offset` (MAP_FIXED). */
-  addFdMapping(slot: MemSlot, offset: number, size: number, fd: number, fdOffset: number, prot: number, private_: boolean): void;
+  /** 0, or the errno mmap gave for the client's descriptor (nothing thrown for those). */
+  addFdMapping(slot: MemSlot, offset: number, size: number, fd: number, fdOffset: number, prot: number, private_: boolean): number;
   /** Puts the arena's anonymous read-only memory back over [offset, offset+size). */
   removeMapping(slot: MemSlot, offset: number, size: number): void;
 

@@ -164,21 +164,16 @@ function protBits(prot: Protection): number | Refusal {
 interface SourceInfo {
   /** The object's size where the kernel reports one (file, memfd, dma-buf); -1 if unknown. */
   objectSize: number;
-  /** Writes are sealed (F_SEAL_WRITE / F_SEAL_FUTURE_WRITE): it can only be mapped private. */
-  writeSealed: boolean;
 }
-
-const WRITE_SEALS = sys.F_SEAL_WRITE | sys.F_SEAL_FUTURE_WRITE;
 
 /**
  * Inspects a source descriptor. A memfd that allows sealing is sealed against shrinking, so
  * the size checked is its size for good (the seal stays if the request is refused later);
  * one that does not allow it, or a plain file, is checked as it is. Nothing here throws for
- * a descriptor that simply is not a memfd.
+ * a descriptor that simply is not a memfd. (Write seals need no look: see mapSource.)
  */
 function inspectSource(fd: number, what: string): SourceInfo | Refusal {
   sys.tryFcntl(fd, sys.F_ADD_SEALS, sys.F_SEAL_SHRINK);
-  const seals = sys.tryFcntl(fd, sys.F_GET_SEALS);
   let st: sys.Stat;
   try {
     st = sys.fstat(fd);
@@ -189,7 +184,7 @@ function inspectSource(fd: number, what: string): SourceInfo | Refusal {
   // A regular file or memfd reports its size; so does a dma-buf (an anonymous inode whose
   // size is the buffer's). Devices and other anonymous inodes report none: mmap decides.
   const objectSize = type === sys.S_IFREG || (type === 0 && st.size > 0) ? st.size : -1;
-  return { objectSize, writeSealed: seals > 0 && (seals & WRITE_SEALS) !== 0 };
+  return { objectSize };
 }
 
 /** [offset, offset+size) lies inside an object of `objectSize` bytes (when that is known). */
@@ -229,7 +224,6 @@ interface SourceRange {
   /** The size asked for, and the page-rounded size that gets mapped. */
   size: number;
   mapped: number;
-  private_: boolean;
 }
 
 function sourceRange(source: VmMemorySource): SourceRange | Refusal {
@@ -259,7 +253,7 @@ function sourceRange(source: VmMemorySource): SourceRange | Refusal {
   if (info instanceof Refusal) return info;
   const outside = checkInside(info.objectSize, offset, size, "memory source");
   if (outside !== null) return outside;
-  return { fd, offset, size, mapped: pageUp(size), private_: info.writeSealed };
+  return { fd, offset, size, mapped: pageUp(size) };
 }
 
 /** Where a destination lands: a prepared arena (fixed mapping) or free guest space (a new slot). */
@@ -290,6 +284,18 @@ function place(ctx: ExecContext, dest: VmMemoryDestination, size: number): Place
   return { arena: hit !== undefined && isArena(hit.value) ? hit.value : null, guest };
 }
 
+/**
+ * The source mapped as `protection` says: shared, or, for a memfd whose writes are sealed
+ * (F_SEAL_WRITE, F_SEAL_FUTURE_WRITE: the kernel refuses a shared writable mapping with
+ * EPERM), a private copy-on-write one, as crosvm maps it. Trying shared first costs the
+ * common case nothing; asking for the seals first was a system call on every register.
+ */
+function mapSource(src: SourceRange, protection: number): MemoryMapping | number {
+  const shared = MemoryMapping.tryFromDescriptor(src.fd, src.offset, src.mapped, protection, false);
+  if (shared !== sys.Errno.EPERM || !(protection & sys.PROT_WRITE)) return shared;
+  return MemoryMapping.tryFromDescriptor(src.fd, src.offset, src.mapped, protection, true);
+}
+
 function registerMemory(ctx: ExecContext, source: VmMemorySource, dest: VmMemoryDestination, prot: Protection, cache: MemCacheType): Result {
   const protection = protBits(prot);
   if (protection instanceof Refusal) return protection;
@@ -305,7 +311,7 @@ function registerMemory(ctx: ExecContext, source: VmMemorySource, dest: VmMemory
   if (busy !== null) return busy;
   // try/catch inline, not a helper taking closures and a message: on this path a closure
   // makes JSC allocate the function's scope, and a template string is built on every call.
-  const mapping = MemoryMapping.tryFromDescriptor(src.fd, src.offset, src.mapped, protection, src.private_);
+  const mapping = mapSource(src, protection);
   // A descriptor the kernel will not map (a socket, a pipe) is the client's to send: a refusal.
   if (typeof mapping === "number") return new Refusal(mapping, [sys.sysMessage("mmap", mapping), "failed to map the memory source"]);
   let slot: MemSlot;
@@ -343,10 +349,11 @@ function mapIntoArena(ctx: ExecContext, arena: PreparedArena, guest: GuestAddres
     return Refusal.of("ENOSPC", `guest range ${hex(guest)}..${hex(end)} overlaps region ${hex(hit.start)} in the prepared region of ${describeAlloc(arena.alloc)}`);
   }
   const offset = guest - arena.start;
-  try {
-    ctx.vm.addFdMapping(arena.slot, offset, src.mapped, src.fd, src.offset, protection, src.private_);
-  } catch (e) {
-    throw VmMemoryError.from(e).context(`failed to add fd mapping at offset ${hex(offset)} of the prepared region of ${describeAlloc(arena.alloc)}`);
+  // A write-sealed source refuses a shared writable mapping (EPERM): it is mapped private.
+  let errno = ctx.vm.addFdMapping(arena.slot, offset, src.mapped, src.fd, src.offset, protection, false);
+  if (errno === sys.Errno.EPERM && protection & sys.PROT_WRITE) errno = ctx.vm.addFdMapping(arena.slot, offset, src.mapped, src.fd, src.offset, protection, true);
+  if (errno !== 0) {
+    return new Refusal(errno, [sys.sysMessage("mmap", errno), `failed to add fd mapping at offset ${hex(offset)} of the prepared region of ${describeAlloc(arena.alloc)}`]);
   }
   const region: Region = { id: guest, size: src.mapped, slot: arena.slot, readOnly, arena };
   ctx.state.regions.set(guest, region);
@@ -428,7 +435,7 @@ export class MmapRegistration {
     if (placement.arena !== null) return Refusal.of("EINVAL", "MmapAndRegisterMemory into a prepared region is not supported; use RegisterMemory");
     const busy = checkFreeGuestRange(ctx, placement.guest, mapped);
     if (busy !== null) return busy;
-    const mapping = wrapSys(() => MemoryMapping.fromDescriptor(shm.descriptor, 0, mapped, sys.PROT_READ, info.writeSealed), "failed to map the shm");
+    const mapping = wrapSys(() => MemoryMapping.fromDescriptor(shm.descriptor, 0, mapped, sys.PROT_READ), "failed to map the shm");
     return new MmapRegistration(ctx, placement.guest, mapped, mapping);
   }
 
@@ -459,7 +466,8 @@ export class MmapRegistration {
     if (info instanceof Refusal) return info;
     const outside = checkInside(info.objectSize, fileOffset, length, what);
     if (outside !== null) return outside;
-    const errno = mapping.tryMapFixed(memOffset, span, f.file, fileOffset, sys.PROT_READ, info.writeSealed);
+    // Read-only: a write-sealed file maps shared as it is.
+    const errno = mapping.tryMapFixed(memOffset, span, f.file, fileOffset, sys.PROT_READ);
     return errno === 0 ? null : new Refusal(errno, [sys.sysMessage("mmap", errno), `failed to map ${what} at offset ${hex(memOffset)}`]);
   }
 

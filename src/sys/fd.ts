@@ -21,8 +21,6 @@ export const F_SETFL = 4;
 export const F_ADD_SEALS = 1033;
 export const F_GET_SEALS = 1034;
 export const F_SEAL_SHRINK = 0x0002;
-export const F_SEAL_WRITE = 0x0008;
-export const F_SEAL_FUTURE_WRITE = 0x0010;
 export const RLIMIT_NOFILE = 7;
 
 // sys/stat.h: st_mode file types.
