@@ -6,7 +6,10 @@ import type { VmemClient } from "../src/client";
 export const MAILBOX_GPA = 0xf000_0000;
 export const BOOT_MAGIC = 0x4d454d56;
 
-export const Op = { read32: 1, read64: 2, write32: 3, write64: 4, fill: 5, print: 6, exit: 7, hlt: 8 } as const;
+export const Op = { read32: 1, read64: 2, write32: 3, write64: 4, fill: 5, print: 6, exit: 7, hlt: 8, irqOn: 9, out8: 10, irqOff: 11 } as const;
+/** Where the guest counts interrupts: a u32 per vector from IRQ_FIRST, in the mailbox page. */
+export const IRQ_COUNTS = 0xd00;
+export const IRQ_FIRST = 0x20;
 export interface Command {
   op: number;
   addr: number | bigint;
@@ -34,6 +37,11 @@ export class Mailbox {
     const addr = sys.mmap(0, 4096, sys.PROT_READ | sys.PROT_WRITE, sys.MAP_SHARED, fd, 0);
     client.registerMemory({ SharedMemory: { descriptor: fd, size: 4096 } }, { GuestPhysicalAddress: MAILBOX_GPA });
     return new Mailbox(fd, addr);
+  }
+
+  /** Interrupts the guest has taken on `vector` (op irqOn counts them here). */
+  irqCount(vector: number): number {
+    return this.view.getUint32(IRQ_COUNTS + 4 * (vector - IRQ_FIRST), true);
   }
 
   get bootMagic(): number {

@@ -31,6 +31,11 @@ Creates a KVM virtual machine and serves its memory plane on PATH.
                             host mappings one connection's regions may take (default ${DEFAULT_BUDGETS.mappingsPerConnection})
   --max-ioevents-per-connection N
                             ioeventfds one connection may register (default ${DEFAULT_BUDGETS.ioeventsPerConnection})
+  --max-irqfds-per-connection N
+                            irqfds one connection may register (default ${DEFAULT_BUDGETS.irqfdsPerConnection})
+  --share-guest-memory-with UID
+                            let this user's device processes map guest RAM (GetGuestMemory;
+                            repeatable; default: nobody)
   --max-packet SIZE         largest request packet (default 64K, the protocol's maximum)
   --max-fds-per-packet N    descriptors in one packet (default 253, the kernel's SCM_MAX_FD)
   --release-on-disconnect   remove a client's regions and ioevents when it disconnects
@@ -58,6 +63,8 @@ const SPEC = {
   "max-guest-bytes": { value: true },
   "max-mappings-per-connection": { value: true },
   "max-ioevents-per-connection": { value: true },
+  "max-irqfds-per-connection": { value: true },
+  "share-guest-memory-with": { value: true, repeat: true },
   "max-packet": { value: true },
   "max-fds-per-packet": { value: true },
   "release-on-disconnect": { value: false },
@@ -90,10 +97,13 @@ export async function serve(argv: string[]): Promise<number> {
   const format = (flag(p, "log-format") ?? "text") as LogFormat;
   if (!["text", "json"].includes(format)) throw new UsageError(`--log-format: "${format}" is not text or json`);
   const bars = (p.flags.get("pci-bar") ?? []).map((t) => parsePciBarSize(t, "--pci-bar"));
-  const allowUids = (p.flags.get("allow-uid") ?? []).map((t) => {
-    if (!/^\d+$/.test(t)) throw new UsageError(`--allow-uid: "${t}" is not a numeric uid`);
-    return Number(t);
-  });
+  const uids = (name: string) =>
+    (p.flags.get(name) ?? []).map((t) => {
+      if (!/^\d+$/.test(t)) throw new UsageError(`--${name}: "${t}" is not a numeric uid`);
+      return Number(t);
+    });
+  const allowUids = uids("allow-uid");
+  const shareGuestMemoryWith = uids("share-guest-memory-with");
   const count = (name: string, dflt: number) => {
     const t = flag(p, name);
     if (t === undefined) return dflt;
@@ -134,7 +144,7 @@ export async function serve(argv: string[]): Promise<number> {
   const nofile = sys.getrlimit(sys.RLIMIT_NOFILE);
   if (nofile.cur < nofile.max) sys.setrlimit(sys.RLIMIT_NOFILE, { cur: nofile.max, max: nofile.max });
 
-  const vm = KvmVm.create({ memory, prefault: p.flags.has("prefault") });
+  const vm = KvmVm.create({ memory, prefault: p.flags.has("prefault"), irqchip: true });
   let guest: GuestHandle | undefined;
   try {
     const allocator = new SystemAllocator(memory, vm.physAddrLimit);
@@ -160,7 +170,10 @@ export async function serve(argv: string[]): Promise<number> {
         mappings: mappingBudget(),
         ioeventsPerConnection: count("max-ioevents-per-connection", DEFAULT_BUDGETS.ioeventsPerConnection),
         ioevents: DEFAULT_BUDGETS.ioevents,
+        irqfdsPerConnection: count("max-irqfds-per-connection", DEFAULT_BUDGETS.irqfdsPerConnection),
+        irqfds: DEFAULT_BUDGETS.irqfds,
       },
+      shareGuestMemoryWith,
       releaseOnDisconnect: p.flags.has("release-on-disconnect"),
       log,
     };

@@ -27,6 +27,13 @@ import {
 
 export { JSON_ENCODING, MSGPACK, type Encoding, type Packet } from "../protocol";
 
+export interface GuestMemoryRange {
+  guest_address: U64;
+  size: U64;
+  descriptor: number;
+  offset: U64;
+}
+
 /** An Err response, as an exception: errno, its name, and the chain (root cause first). */
 export class VmemError extends Error {
   readonly errno: number | null;
@@ -152,8 +159,8 @@ export class VmemClient {
       for (const fd of fds) sys.close(fd);
       throw new VmemError(resp.errno, resp.chain);
     }
-    // No response carries descriptors yet: none may be left open here.
-    for (const fd of fds) sys.close(fd);
+    // Only GuestMemory carries descriptors, and they are the caller's now; any others close.
+    if (!(typeof resp === "object" && "GuestMemory" in resp)) for (const fd of fds) sys.close(fd);
     return resp;
   }
 
@@ -281,6 +288,24 @@ export class VmemClient {
 
   releaseMmio(alloc: Alloc): void {
     unwrap(this.request({ ReleaseMmio: alloc }));
+  }
+
+  /**
+   * Guest RAM for this device: each range's `descriptor` is an open descriptor the caller
+   * now owns (map it MAP_SHARED at `offset` to see `size` bytes from `guest_address`).
+   */
+  getGuestMemory(): GuestMemoryRange[] {
+    return (unwrap(this.request("GetGuestMemory")) as { GuestMemory: { ranges: GuestMemoryRange[] } }).GuestMemory.ranges;
+  }
+
+  /** IrqFd: a signal on `event` raises `gsi` (an IOAPIC pin); with `resample`, level-triggered. */
+  irqFd(event: number, gsi: number, resample: number | null, register: boolean): void {
+    unwrap(this.request({ IrqFd: { event, gsi, resample, register } }));
+  }
+
+  /** IoEventPio: a guest `out` to `port` (matching `datamatch`) signals `event` in the kernel. */
+  ioEventPio(event: number, port: number, datamatch: Datamatch, register: boolean): void {
+    unwrap(this.request({ IoEventPio: { event, port, datamatch, register } }));
   }
 
   close(): void {

@@ -24,6 +24,8 @@ export interface KvmVmOptions {
   maxSlots?: number;
   /** Allocate all guest RAM now, by touching every page as a guest would, instead of on first touch. */
   prefault?: boolean;
+  /** Create the in-kernel interrupt controller (PICs, IOAPIC, LAPICs) and timer (PIT). */
+  irqchip?: boolean;
 }
 
 export class KvmVm implements Vm {
@@ -38,6 +40,7 @@ export class KvmVm implements Vm {
   /** The memfd that backs all guest RAM, and its one mapping. */
   readonly ramFd: number;
   readonly ramMapping: MemoryMapping;
+  readonly irqchip: boolean;
 
   private readonly slots: SlotAllocator;
   /**
@@ -48,10 +51,12 @@ export class KvmVm implements Vm {
   private readonly bySlot: (SlotRegion | undefined)[] = [];
   private readonly regionBuf = new DataView(new ArrayBuffer(sys.MEMORY_REGION_SIZE));
   private readonly ioeventBuf = new DataView(new ArrayBuffer(sys.IOEVENTFD_SIZE));
+  private readonly irqfdBuf = new DataView(new ArrayBuffer(sys.IRQFD_SIZE));
   private closed = false;
 
-  private constructor(kvm: Kvm, fd: number, ramFd: number, ramMapping: MemoryMapping, memory: number, maxSlots: number) {
+  private constructor(kvm: Kvm, fd: number, ramFd: number, ramMapping: MemoryMapping, memory: number, maxSlots: number, irqchip: boolean) {
     this.kvm = kvm;
+    this.irqchip = irqchip;
     this.fd = fd;
     this.ramFd = ramFd;
     this.ramMapping = ramMapping;
@@ -84,6 +89,16 @@ export class KvmVm implements Vm {
       try {
         sys.ioctl(fd, sys.KVM_SET_TSS_ADDR, 0xfffb_d000, "KVM_SET_TSS_ADDR");
       } catch {}
+      if (opts.irqchip) {
+        // Before any vCPU exists: each vCPU created afterwards gets an in-kernel LAPIC.
+        if (kvm.checkExtension(sys.KVM_CAP_IRQCHIP) <= 0 || kvm.checkExtension(sys.KVM_CAP_PIT2) <= 0 || kvm.checkExtension(sys.KVM_CAP_IRQFD) <= 0) {
+          throw new sys.SysError("KVM lacks KVM_CAP_IRQCHIP, KVM_CAP_PIT2 or KVM_CAP_IRQFD", sys.Errno.ENOTSUP);
+        }
+        sys.ioctl(fd, sys.KVM_CREATE_IRQCHIP, 0, "KVM_CREATE_IRQCHIP");
+        const pit = new DataView(new ArrayBuffer(sys.KVM_PIT_CONFIG_SIZE));
+        pit.setUint32(0, sys.KVM_PIT_SPEAKER_DUMMY, true);
+        sys.ioctl(fd, sys.KVM_CREATE_PIT2, pit, "KVM_CREATE_PIT2");
+      }
       const ramFd = sys.memfdCreate("vmemd-guest-ram");
       undo.push(() => sys.close(ramFd));
       sys.ftruncate(ramFd, opts.memory);
@@ -99,7 +114,7 @@ export class KvmVm implements Vm {
           for (let off = 0; off < opts.memory; off += sys.PAGE_SIZE) view[off] = 0;
         }
       }
-      const vm = new KvmVm(kvm, fd, ramFd, ramMapping, opts.memory, maxSlots);
+      const vm = new KvmVm(kvm, fd, ramFd, ramMapping, opts.memory, maxSlots, opts.irqchip === true);
       for (const r of vm.ram) {
         vm.addSlot(r.guest, r.size, ramMapping.addr + r.fileOffset, false, null, false);
       }
@@ -198,20 +213,39 @@ export class KvmVm implements Vm {
   }
 
   /** KVM_IOEVENTFD; 0, or the errno KVM answered (a duplicate, an unknown one, a bad eventfd). */
-  private ioeventfd(eventFd: number, addr: GuestAddress, dm: IoeventDatamatch, deassign: boolean): number {
-    let flags = deassign ? sys.KVM_IOEVENTFD_FLAG_DEASSIGN : 0;
+  private ioeventfd(eventFd: number, addr: GuestAddress, dm: IoeventDatamatch, deassign: boolean, pio: boolean): number {
+    let flags = (deassign ? sys.KVM_IOEVENTFD_FLAG_DEASSIGN : 0) | (pio ? sys.KVM_IOEVENTFD_FLAG_PIO : 0);
     if (dm.value !== null) flags |= sys.KVM_IOEVENTFD_FLAG_DATAMATCH;
     sys.encodeIoeventfd(this.ioeventBuf, dm.value ?? 0n, addr, dm.length, eventFd, flags);
     const rc = sys.tryIoctl(this.fd, sys.KVM_IOEVENTFD, this.ioeventBuf, "KVM_IOEVENTFD");
     return rc < 0 ? -rc : 0;
   }
 
-  registerIoevent(eventFd: number, addr: GuestAddress, datamatch: IoeventDatamatch): number {
-    return this.ioeventfd(eventFd, addr, datamatch, false);
+  registerIoevent(eventFd: number, addr: GuestAddress, datamatch: IoeventDatamatch, pio = false): number {
+    return this.ioeventfd(eventFd, addr, datamatch, false, pio);
   }
 
-  unregisterIoevent(eventFd: number, addr: GuestAddress, datamatch: IoeventDatamatch): number {
-    return this.ioeventfd(eventFd, addr, datamatch, true);
+  unregisterIoevent(eventFd: number, addr: GuestAddress, datamatch: IoeventDatamatch, pio = false): number {
+    return this.ioeventfd(eventFd, addr, datamatch, true, pio);
+  }
+
+  private irqfd(eventFd: number, gsi: number, flags: number, resampleFd: number): number {
+    if (!this.irqchip) return sys.Errno.ENOTSUP;
+    sys.encodeIrqfd(this.irqfdBuf, eventFd, gsi, flags, resampleFd);
+    const rc = sys.tryIoctl(this.fd, sys.KVM_IRQFD, this.irqfdBuf, "KVM_IRQFD");
+    return rc < 0 ? -rc : 0;
+  }
+
+  registerIrqfd(eventFd: number, gsi: number, resampleFd: number): number {
+    return this.irqfd(eventFd, gsi, resampleFd === -1 ? 0 : sys.KVM_IRQFD_FLAG_RESAMPLE, resampleFd === -1 ? 0 : resampleFd);
+  }
+
+  unregisterIrqfd(eventFd: number, gsi: number): number {
+    return this.irqfd(eventFd, gsi, sys.KVM_IRQFD_FLAG_DEASSIGN, 0);
+  }
+
+  get ramDescriptor(): number {
+    return this.ramFd;
   }
 
   /** Host address of guest RAM at `guest`, when [guest, guest+size) is all RAM. */

@@ -45,9 +45,24 @@ export interface Vm {
   /** Puts the arena's anonymous read-only memory back over [offset, offset+size). */
   removeMapping(slot: MemSlot, offset: number, size: number): void;
 
-  /** 0, or the errno KVM answered: a client drives these, so failure is a value. */
-  registerIoevent(eventFd: number, addr: GuestAddress, datamatch: IoeventDatamatch): number;
-  unregisterIoevent(eventFd: number, addr: GuestAddress, datamatch: IoeventDatamatch): number;
+  /**
+   * 0, or the errno KVM answered: a client drives these, so failure is a value. `pio`: `addr`
+   * is a port (KVM_IOEVENTFD_FLAG_PIO), else a guest physical address.
+   */
+  registerIoevent(eventFd: number, addr: GuestAddress, datamatch: IoeventDatamatch, pio?: boolean): number;
+  unregisterIoevent(eventFd: number, addr: GuestAddress, datamatch: IoeventDatamatch, pio?: boolean): number;
+
+  /** Whether the VM has an in-kernel interrupt controller (irqfds need one). */
+  readonly irqchip: boolean;
+  /**
+   * KVM_IRQFD: a signal on `eventFd` raises `gsi`; with `resampleFd` (not -1) the line is
+   * level-triggered and `resampleFd` is signalled at the guest's EOI. 0, or KVM's errno.
+   */
+  registerIrqfd(eventFd: number, gsi: number, resampleFd: number): number;
+  unregisterIrqfd(eventFd: number, gsi: number): number;
+
+  /** The descriptor backing all of guest RAM (ranges' fileOffset index into it). */
+  readonly ramDescriptor: number;
 
   /** Gives [guest, guest+size) of RAM back to the host; the guest reads zeros there afterwards. */
   removeRamRange(guest: GuestAddress, size: number): void;

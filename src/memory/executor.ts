@@ -70,11 +70,14 @@ function contextOf(req: Exclude<VmMemoryRequest, string | { MmapAndRegisterMemor
   if ("IoEventRaw" in req) return `failed to ${req.IoEventRaw.register ? "register" : "unregister"} ioevent at ${hex(req.IoEventRaw.addr)}`;
   if ("AllocateMmio" in req) return `failed to allocate MMIO for ${describeAlloc(req.AllocateMmio.alloc)}`;
   if ("ReleaseMmio" in req) return `failed to release MMIO of ${describeAlloc(req.ReleaseMmio)}`;
+  if ("IrqFd" in req) return `failed to ${req.IrqFd.register ? "register" : "unregister"} irqfd on GSI ${req.IrqFd.gsi}`;
+  if ("IoEventPio" in req) return `failed to ${req.IoEventPio.register ? "register" : "unregister"} ioevent at port ${hex(req.IoEventPio.port)}`;
   return null;
 }
 
 function dispatch(req: Exclude<VmMemoryRequest, { MmapAndRegisterMemory: unknown }>, ctx: ExecContext): Result {
-  if (typeof req === "string") return getState(ctx);
+  if (req === "GetState") return getState(ctx);
+  if (req === "GetGuestMemory") return guestMemory(ctx);
   if ("RegisterMemory" in req) {
     const r = req.RegisterMemory;
     return withContext(registerMemory(ctx, r.source, r.dest, r.prot, r.cache), "failed to register memory");
@@ -125,6 +128,16 @@ function dispatch(req: Exclude<VmMemoryRequest, { MmapAndRegisterMemory: unknown
   if ("ReleaseMmio" in req) {
     const out = releaseMmio(ctx, req.ReleaseMmio);
     return out instanceof Refusal ? out.context(`failed to release MMIO of ${describeAlloc(req.ReleaseMmio)}`) : out;
+  }
+  if ("IrqFd" in req) {
+    const r = req.IrqFd;
+    const out = irqFd(ctx, r.event, r.gsi, r.resample, r.register);
+    return out instanceof Refusal ? out.context(contextOf(req)!) : out;
+  }
+  if ("IoEventPio" in req) {
+    const r = req.IoEventPio;
+    const out = ioEvent(ctx, r.event, r.port, r.datamatch, r.register, true);
+    return out instanceof Refusal ? out.context(contextOf(req)!) : out;
   }
   return Refusal.of("EINVAL", "unknown request");
 }
@@ -552,12 +565,31 @@ function ioeventDatamatch(dm: Datamatch): IoeventDatamatch {
   return { length: DATAMATCH_LENGTHS[kind], value: v === null ? null : BigInt(v) };
 }
 
-function ioEvent(ctx: ExecContext, event: number, addr: U64, dm: Datamatch, register: boolean): Result {
+/** KVM_IOEVENTFD on an MMIO address, or (`pio`) on a port. */
+function ioEvent(ctx: ExecContext, event: number, addr: U64, dm: Datamatch, register: boolean, pio = false): Result {
   const guest = num(addr);
   if (guest < 0) return tooLarge("ioevent address", addr);
   const datamatch = ioeventDatamatch(dm);
-  const errno = register ? ctx.vm.registerIoevent(event, guest, datamatch) : ctx.vm.unregisterIoevent(event, guest, datamatch);
+  const errno = register ? ctx.vm.registerIoevent(event, guest, datamatch, pio) : ctx.vm.unregisterIoevent(event, guest, datamatch, pio);
   return errno === 0 ? "Ok" : new Refusal(errno, [sys.sysMessage("KVM_IOEVENTFD", errno)]);
+}
+
+// ---- the device plane ------------------------------------------------------
+
+/** IOAPIC pins: the GSIs an irqfd may raise (the in-kernel IOAPIC has 24). */
+export const IOAPIC_PINS = 24;
+
+function irqFd(ctx: ExecContext, event: number, gsi: number, resample: number | null, register: boolean): Result {
+  if (!ctx.vm.irqchip) return Refusal.of("ENOTSUP", "this VM has no in-kernel interrupt controller");
+  if (gsi >= IOAPIC_PINS) return Refusal.of("EINVAL", `GSI ${gsi} is not an IOAPIC pin (0-${IOAPIC_PINS - 1})`);
+  const errno = register ? ctx.vm.registerIrqfd(event, gsi, resample ?? -1) : ctx.vm.unregisterIrqfd(event, gsi);
+  return errno === 0 ? "Ok" : new Refusal(errno, [sys.sysMessage("KVM_IRQFD", errno)]);
+}
+
+/** Guest RAM as a device maps it: the one memfd, and where each part of it appears. */
+function guestMemory(ctx: ExecContext): VmMemoryResponse {
+  const fd = ctx.vm.ramDescriptor;
+  return { GuestMemory: { ranges: ctx.vm.ram.map((r) => ({ guest_address: r.guest, size: r.size, descriptor: fd, offset: r.fileOffset })) } };
 }
 
 // ---- vmemd extensions ------------------------------------------------------

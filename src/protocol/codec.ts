@@ -411,6 +411,15 @@ export function encodeResponse(resp: Response, enc: Encoding): Uint8Array {
   return encodeWith(VmMemoryResponse, resp, enc).bytes();
 }
 
+/**
+ * A response that carries descriptors (GuestMemory): its bytes (a copy) and the descriptors
+ * to attach, in index order. The descriptors stay the caller's: sending duplicates them.
+ */
+export function encodeResponsePacket(resp: Response, enc: Encoding): Packet {
+  const w = encodeWith(VmMemoryResponse, resp, enc);
+  return { body: w.bytes().slice(), fds: w.fds.slice() };
+}
+
 /** A message ready for the wire: its body and the descriptors to attach, in index order. */
 export interface Packet {
   body: Uint8Array;

@@ -88,6 +88,10 @@ export const VmMemoryRequest = enumOf("VmMemoryRequest", {
   GetAllocations: pageRequest,
   AllocateMmio: struct({ alloc: Alloc, size: u64, align: nullable(u64) }),
   ReleaseMmio: Alloc,
+  // The device plane: guest RAM and interrupts for a device process.
+  GetGuestMemory: null,
+  IrqFd: struct({ event: fd, gsi: u32, resample: nullable(fd), register: bool }),
+  IoEventPio: struct({ event: fd, port: u16, datamatch: Datamatch, register: bool }),
 });
 
 /** The packets that follow an MmapAndRegisterMemory: 1 to 253 mappings each. */
@@ -135,6 +139,8 @@ export const VmMemoryResponse = enumOf("VmMemoryResponse", {
   Regions: struct({ regions: array(RegionSummary), next: nullable(u64) }),
   Allocations: struct({ allocations: array(AllocationSummary), next: nullable(u64) }),
   Allocated: struct({ start: u64, size: u64 }),
+  /** Where `size` bytes at `offset` of `descriptor` (sent with the answer) appear in the guest. */
+  GuestMemory: struct({ ranges: array(struct({ guest_address: u64, size: u64, descriptor: fd, offset: u64 })) }),
 });
 
 export type Alloc = TypeOf<typeof Alloc>;

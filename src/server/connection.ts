@@ -18,9 +18,12 @@ export interface PendingMmap {
   failure: Refusal | null;
 }
 
+/** A response waiting in the outbox: its bytes, with the descriptors it carries if any. */
+export type OutPacket = Uint8Array | { body: Uint8Array; fds: readonly number[] };
+
 export class Connection {
   /** Responses that did not fit in the socket; while any wait, no request is read (throttle). */
-  readonly outbox: Uint8Array[] = [];
+  readonly outbox: OutPacket[] = [];
   pending: PendingMmap | null = null;
   /** The peer has finished sending: answer what is owed, then close. */
   closing = false;

@@ -3,7 +3,7 @@
 // can use up what the others need: KVM slots, the kernel's per-slot metadata, the process's
 // mappings (vm.max_map_count), the VM's I/O bus. A refusal names the limit and its flag.
 import { execute, NumberMap, Refusal, type ExecContext } from "../memory";
-import type { Datamatch, U64 } from "../protocol";
+import type { VmMemoryRequest } from "../protocol";
 import * as sys from "../sys";
 
 export interface Budgets {
@@ -14,6 +14,8 @@ export interface Budgets {
   mappings: number;
   ioeventsPerConnection: number;
   ioevents: number;
+  irqfdsPerConnection: number;
+  irqfds: number;
 }
 
 /** A vm.max_map_count share kept for the runtime itself (its heap, JIT, threads' stacks). */
@@ -29,6 +31,9 @@ export const DEFAULT_BUDGETS: Budgets = {
   ioeventsPerConnection: 256,
   // KVM's I/O bus takes at most 1000 devices (NR_IOBUS_DEVS, include/linux/kvm_host.h).
   ioevents: 1000,
+  irqfdsPerConnection: 64,
+  // Each holds an eventfd reference and a routing entry in the kernel; 24 pins, many devices.
+  irqfds: 1024,
 };
 
 /** The process-wide mapping budget: vm.max_map_count less the runtime's headroom. */
@@ -44,12 +49,17 @@ export function mappingBudget(): number {
 export const MAPPINGS_PER_REGION = 1;
 export const MAPPINGS_PER_FIXED = 2;
 
-/** An ioeventfd a connection registered, with a copy of its eventfd to remove it on disconnect. */
-interface OwnedIoevent {
+/** An eventfd a peer bound to the VM: an ioeventfd (MMIO or port) or an irqfd. */
+export type BindingKind = "ioevent" | "irqfd";
+
+/**
+ * A binding kept with --release-on-disconnect: a copy of its eventfd, and the request that
+ * removes it (which names that copy).
+ */
+interface OwnedBinding {
+  key: string;
   event: number;
-  addr: U64;
-  datamatch: Datamatch;
-  pio: boolean;
+  unregister: VmMemoryRequest;
 }
 
 /** One connection's holdings. */
@@ -59,8 +69,9 @@ export class Holdings {
   bytes = 0;
   mappings = 0;
   ioevents = 0;
+  irqfds = 0;
   /** Only kept with --release-on-disconnect. */
-  readonly owned: OwnedIoevent[] = [];
+  readonly owned: OwnedBinding[] = [];
   constructor(readonly id: number) {}
 }
 
@@ -68,6 +79,7 @@ export class Ledger {
   bytes = 0;
   mappings = 0;
   ioevents = 0;
+  irqfds = 0;
   /** Which connection registered each live region (unregistering may come from another). */
   private readonly owner = new NumberMap<Holdings>();
   /** Regions whose connection has gone (crosvm keeps them): they still count in the totals. */
@@ -100,8 +112,13 @@ export class Ledger {
     return null;
   }
 
-  checkIoevent(h: Holdings): Refusal | null {
+  checkBinding(h: Holdings, kind: BindingKind): Refusal | null {
     const b = this.budgets;
+    if (kind === "irqfd") {
+      if (h.irqfds >= b.irqfdsPerConnection) return limit(`this connection has ${h.irqfds} irqfds`, "--max-irqfds-per-connection", b.irqfdsPerConnection);
+      if (this.irqfds >= b.irqfds) return limit(`${this.irqfds} irqfds are registered`, "vmemd's total", b.irqfds);
+      return null;
+    }
     if (h.ioevents >= b.ioeventsPerConnection) return limit(`this connection has ${h.ioevents} ioevents`, "--max-ioevents-per-connection", b.ioeventsPerConnection);
     if (this.ioevents >= b.ioevents) return limit(`${this.ioevents} ioevents are registered`, "the VM's I/O bus", b.ioevents);
     return null;
@@ -146,23 +163,41 @@ export class Ledger {
     this.owner.set(id, o);
   }
 
-  recordIoevent(h: Holdings, register: boolean, keep: OwnedIoevent | null): void {
-    if (!register) {
-      // Another connection's (or an orphan's) ioevent: KVM matched it, so it was counted somewhere.
-      const from = h.ioevents > 0 ? h : this.orphans;
-      if (from.ioevents === 0) return;
-      from.ioevents--;
-      this.ioevents--;
+  private count(h: Holdings, kind: BindingKind, d: number): void {
+    if (kind === "irqfd") {
+      h.irqfds += d;
+      this.irqfds += d;
+    } else {
+      h.ioevents += d;
+      this.ioevents += d;
+    }
+  }
+
+  /**
+   * A binding KVM accepted (`register`) or removed. `keep` (or null) is what
+   * --release-on-disconnect keeps to remove it later; `key` names it for an unregister.
+   */
+  recordBinding(h: Holdings, kind: BindingKind, register: boolean, key: string, keep: OwnedBinding | null): void {
+    if (register) {
+      this.count(h, kind, 1);
+      if (keep !== null) h.owned.push(keep);
       return;
     }
-    h.ioevents++;
-    this.ioevents++;
-    if (keep !== null) h.owned.push(keep);
+    // Another connection's (or an orphan's) binding: KVM matched it, so it was counted somewhere.
+    const from = (kind === "irqfd" ? h.irqfds : h.ioevents) > 0 ? h : this.orphans;
+    if ((kind === "irqfd" ? from.irqfds : from.ioevents) === 0) return;
+    this.count(from, kind, -1);
+    const i = h.owned.findIndex((e) => e.key === key);
+    if (i !== -1) {
+      try {
+        sys.close(h.owned.splice(i, 1)[0]!.event);
+      } catch {}
+    }
   }
 
   /** Forgets (or, with --release-on-disconnect, removes) what `h` holds; its connection has gone. */
-  release(h: Holdings, ctx: ExecContext, warn: (msg: string, fields: Record<string, unknown>) => void): { regions: number; ioevents: number } {
-    const counts = { regions: h.regions.size, ioevents: h.ioevents };
+  release(h: Holdings, ctx: ExecContext, warn: (msg: string, fields: Record<string, unknown>) => void): { regions: number; ioevents: number; irqfds: number } {
+    const counts = { regions: h.regions.size, ioevents: h.ioevents, irqfds: h.irqfds };
     for (const id of h.regions.keyList()) {
       if (!this.releaseOnDisconnect) {
         this.adopt(h, id);
@@ -176,15 +211,21 @@ export class Ledger {
       }
     }
     for (const e of h.owned) {
-      execute({ IoEventRaw: { event: e.event, addr: e.addr, datamatch: e.datamatch, register: false } }, ctx);
+      execute(e.unregister as Exclude<VmMemoryRequest, { MmapAndRegisterMemory: unknown }>, ctx);
       try {
         sys.close(e.event);
       } catch {}
     }
-    // Without --release-on-disconnect the ioevents stay registered, like the regions.
-    if (this.releaseOnDisconnect) this.ioevents -= h.ioevents;
-    else this.orphans.ioevents += h.ioevents;
+    // Without --release-on-disconnect the bindings stay registered, like the regions.
+    if (this.releaseOnDisconnect) {
+      this.ioevents -= h.ioevents;
+      this.irqfds -= h.irqfds;
+    } else {
+      this.orphans.ioevents += h.ioevents;
+      this.orphans.irqfds += h.irqfds;
+    }
     h.ioevents = 0;
+    h.irqfds = 0;
     h.owned.length = 0;
     // Mappings a pending request charged and never turned into a region.
     this.mappings -= h.mappings;
@@ -192,25 +233,12 @@ export class Ledger {
     return counts;
   }
 
-  /** --release-on-disconnect: forgets the kept copy of an ioevent a connection unregistered. */
-  dropOwnedIoevent(h: Holdings, addr: U64, datamatch: Datamatch): void {
-    const key = ioeventKey(addr, datamatch);
-    const i = h.owned.findIndex((e) => ioeventKey(e.addr, e.datamatch) === key);
-    if (i === -1) return;
-    try {
-      sys.close(h.owned.splice(i, 1)[0]!.event);
-    } catch {}
-  }
-
-  get keepsIoevents(): boolean {
+  /** Whether bindings are kept (with a copy of their eventfd) to be removed at disconnect. */
+  get keepsBindings(): boolean {
     return this.releaseOnDisconnect;
   }
 }
 
 function limit(what: string, flag: string, max: number): Refusal {
   return Refusal.of("ENOSPC", `${what}; the limit is ${max} (${flag})`);
-}
-
-function ioeventKey(addr: U64, dm: Datamatch): string {
-  return `${addr}/${typeof dm === "string" ? dm : JSON.stringify(dm, (_k, v) => (typeof v === "bigint" ? String(v) : v))}`;
 }

@@ -17,6 +17,7 @@ import {
   decodeRequestShape,
   encodingOf,
   MAX_FDS_PER_PACKET,
+  type Datamatch,
   type Encoding,
   type Request,
   type VmMemoryRequest,
@@ -24,10 +25,12 @@ import {
 } from "../protocol";
 import * as sys from "../sys";
 import type { Connection } from "./connection";
-import { MAPPINGS_PER_FIXED, MAPPINGS_PER_REGION, type Ledger } from "./ledger";
+import { MAPPINGS_PER_FIXED, MAPPINGS_PER_REGION, type BindingKind, type Ledger } from "./ledger";
 import type { Logger } from "./log";
 
 export interface RequestLimits {
+  /** Peers (by uid) that may have guest RAM (GetGuestMemory); empty: nobody. */
+  shareGuestMemoryWith: number[];
   /** Largest request body accepted (at most the protocol's 65536). */
   maxPacket: number;
   /** Descriptors accepted in one packet (at most the kernel's SCM_MAX_FD, 253). */
@@ -108,25 +111,40 @@ export class Requests {
   /** Runs a request, after the connection's budget allows it; records what it now holds. */
   private execute(conn: Connection, req: Exclude<VmMemoryRequest, Mmap>): VmMemoryResponse {
     const h = conn.holdings;
-    let fixed = false;
-    if (typeof req === "object") {
-      let refused: Refusal | null = null;
-      if ("RegisterMemory" in req) {
-        fixed = this.landsInArena(req.RegisterMemory.dest);
-        refused = this.ledger.checkRegion(h, registeredSize(req.RegisterMemory.source), fixed ? MAPPINGS_PER_FIXED : MAPPINGS_PER_REGION);
-        if (refused !== null) refused.context("failed to register memory");
-      } else if ("IoEventRaw" in req && req.IoEventRaw.register) {
-        refused = this.ledger.checkIoevent(h);
-        if (refused !== null) refused.context(`failed to register ioevent at 0x${req.IoEventRaw.addr.toString(16)}`);
-      }
-      if (refused !== null) return errResponse(refused);
+    if (req === "GetGuestMemory" && !this.limits.shareGuestMemoryWith.includes(conn.peer.uid)) {
+      return errResponse(
+        Refusal.of("EPERM", `guest memory is shared only with the users --share-guest-memory-with names, not uid ${conn.peer.uid}`).context("failed to get guest memory"),
+      );
     }
-    // --release-on-disconnect keeps its own copy of an ioevent's eventfd, taken before KVM
-    // has it: if the copy cannot be made, nothing gets registered that could not be removed.
-    const keep = this.ledger.keepsIoevents && typeof req === "object" && "IoEventRaw" in req && req.IoEventRaw.register ? sys.dupCloexec(req.IoEventRaw.event) : -1;
+    if (typeof req === "string") return execute(req, this.ctx);
+    let fixed = false;
+    const binding = bindingOf(req);
+    let refused: Refusal | null = null;
+    if ("RegisterMemory" in req) {
+      fixed = this.landsInArena(req.RegisterMemory.dest);
+      refused = this.ledger.checkRegion(h, registeredSize(req.RegisterMemory.source), fixed ? MAPPINGS_PER_FIXED : MAPPINGS_PER_REGION);
+      if (refused !== null) refused.context("failed to register memory");
+    } else if (binding !== null && binding.register) {
+      refused = this.ledger.checkBinding(h, binding.kind);
+      if (refused !== null) refused.context(`failed to register ${binding.key}`);
+    }
+    if (refused !== null) return errResponse(refused);
+    // --release-on-disconnect keeps its own copy of a binding's eventfd, taken before KVM has
+    // it: if the copy cannot be made, nothing gets registered that could not be removed.
+    const keep = this.ledger.keepsBindings && binding !== null && binding.register ? sys.dupCloexec(binding.event) : -1;
     const resp = execute(req, this.ctx);
-    if (typeof req === "object") this.account(conn, req, resp, keep, fixed);
-    else if (keep !== -1) closeQuietly(keep);
+    const h2 = conn.holdings;
+    if (typeof resp === "object" && "RegisterMemory" in resp) {
+      const id = regionIdOf(resp.RegisterMemory.region_id);
+      const size = this.ctx.state.regions.get(id)?.size ?? 0;
+      this.ledger.recordRegion(h2, id, size, fixed ? MAPPINGS_PER_FIXED : MAPPINGS_PER_REGION);
+    } else if (resp === "Ok" && "UnregisterMemory" in req) {
+      this.ledger.recordUnregister(regionIdOf(req.UnregisterMemory));
+    } else if (resp === "Ok" && binding !== null) {
+      this.ledger.recordBinding(h2, binding.kind, binding.register, binding.key, keep === -1 ? null : { key: binding.key, event: keep, unregister: binding.unregister(keep) });
+      return resp;
+    }
+    if (keep !== -1) closeQuietly(keep);
     return resp;
   }
 
@@ -136,25 +154,6 @@ export class Requests {
     const g = regionIdOf(dest.GuestPhysicalAddress);
     const hit = g >= 0 ? this.ctx.state.top.find(g) : undefined;
     return hit !== undefined && isArena(hit.value);
-  }
-
-  /** Records what a request made the connection hold (or no longer hold). */
-  private account(conn: Connection, req: Exclude<VmMemoryRequest, string | Mmap>, resp: VmMemoryResponse, keep: number, fixed: boolean): void {
-    const h = conn.holdings;
-    if (typeof resp === "object" && "RegisterMemory" in resp) {
-      const id = regionIdOf(resp.RegisterMemory.region_id);
-      const size = this.ctx.state.regions.get(id)?.size ?? 0;
-      this.ledger.recordRegion(h, id, size, fixed ? MAPPINGS_PER_FIXED : MAPPINGS_PER_REGION);
-    } else if (resp === "Ok" && "UnregisterMemory" in req) {
-      this.ledger.recordUnregister(regionIdOf(req.UnregisterMemory));
-    } else if (resp === "Ok" && "IoEventRaw" in req) {
-      const r = req.IoEventRaw;
-      const owned = keep === -1 ? null : { event: keep, addr: r.addr, datamatch: r.datamatch, pio: false };
-      this.ledger.recordIoevent(h, r.register, owned);
-      if (!r.register && this.ledger.keepsIoevents) this.ledger.dropOwnedIoevent(h, r.addr, r.datamatch);
-      return;
-    }
-    if (keep !== -1) closeQuietly(keep);
   }
 
   /**
@@ -245,6 +244,38 @@ export class Requests {
   abandon(conn: Connection): void {
     if (conn.pending !== null) this.abandonPending(conn, conn.pending);
   }
+}
+
+/** An eventfd binding a request makes or removes, and how to remove it with another descriptor. */
+interface Binding {
+  kind: BindingKind;
+  register: boolean;
+  event: number;
+  /** What it is, for messages and to match an unregister with what was kept. */
+  key: string;
+  unregister(event: number): VmMemoryRequest;
+}
+
+function bindingOf(req: Exclude<VmMemoryRequest, string>): Binding | null {
+  if ("IoEventRaw" in req) {
+    const r = req.IoEventRaw;
+    return { kind: "ioevent", register: r.register, event: r.event, key: `ioevent at 0x${r.addr.toString(16)} ${datamatchText(r.datamatch)}`, unregister: (event) => ({ IoEventRaw: { ...r, event, register: false } }) };
+  }
+  if ("IoEventPio" in req) {
+    const r = req.IoEventPio;
+    return { kind: "ioevent", register: r.register, event: r.event, key: `ioevent at port 0x${r.port.toString(16)} ${datamatchText(r.datamatch)}`, unregister: (event) => ({ IoEventPio: { ...r, event, register: false } }) };
+  }
+  if ("IrqFd" in req) {
+    const r = req.IrqFd;
+    return { kind: "irqfd", register: r.register, event: r.event, key: `irqfd on GSI ${r.gsi}`, unregister: (event) => ({ IrqFd: { event, gsi: r.gsi, resample: null, register: false } }) };
+  }
+  return null;
+}
+
+function datamatchText(dm: Datamatch): string {
+  if (typeof dm === "string") return dm;
+  for (const k in dm) return `${k}=${(dm as Record<string, unknown>)[k] ?? "any"}`;
+  return "";
 }
 
 /** The bytes a RegisterMemory source covers once rounded to pages (0 when it will be refused anyway). */

@@ -3,7 +3,7 @@
 // requests.ts's concern, what a peer holds is ledger.ts's.
 import * as sys from "../sys";
 import { errResponse, Refusal, type ExecContext } from "../memory";
-import { encodeResponse, MAX_PACKET, type Encoding, type VmMemoryResponse } from "../protocol";
+import { encodeResponse, encodeResponsePacket, MAX_PACKET, type Encoding, type VmMemoryResponse } from "../protocol";
 import { Connection } from "./connection";
 import { DEFAULT_BUDGETS, Ledger, type Budgets } from "./ledger";
 import type { Logger } from "./log";
@@ -32,6 +32,7 @@ export const DEFAULT_SERVER_OPTIONS = {
   maxFdsPerPacket: sys.SCM_MAX_FD,
   budgets: DEFAULT_BUDGETS,
   releaseOnDisconnect: false,
+  shareGuestMemoryWith: [] as number[],
 };
 
 /**
@@ -300,6 +301,7 @@ export class Server {
 
   /** Queues a response in the send batch; flushBatch sends it. */
   private respond(conn: Connection, resp: VmMemoryResponse, enc: Encoding): void {
+    if (typeof resp === "object" && "GuestMemory" in resp) return this.respondWithDescriptors(conn, resp, enc);
     let bytes = encodeResponse(resp, enc);
     if (bytes.byteLength > MAX_PACKET) {
       const what = typeof resp === "object" ? Object.keys(resp)[0] : resp;
@@ -315,6 +317,23 @@ export class Server {
       this.flushBatch(conn);
       if (conn.outbox.length > 0 || !this.tx.add(bytes)) conn.outbox.push(bytes.slice());
       this.txConn = conn;
+    }
+  }
+
+  /**
+   * A response that carries descriptors goes alone, after everything queued before it, with
+   * its own SCM_RIGHTS; if the socket cannot take it yet, it waits in the outbox with them.
+   */
+  private respondWithDescriptors(conn: Connection, resp: VmMemoryResponse, enc: Encoding): void {
+    const p = encodeResponsePacket(resp, enc);
+    if (this.txConn !== null) this.flushBatch(this.txConn);
+    if (conn.outbox.length > 0) {
+      conn.outbox.push(p);
+      return;
+    }
+    if (!this.io.send(conn.fd, p.body, p.fds)) {
+      conn.outbox.push(p);
+      this.epoll.modify(conn.fd, WRITE_EVENTS);
     }
   }
 
@@ -337,7 +356,10 @@ export class Server {
 
   private flush(conn: Connection): void {
     let sent = 0;
-    while (sent < conn.outbox.length && this.io.send(conn.fd, conn.outbox[sent]!)) sent++;
+    for (; sent < conn.outbox.length; sent++) {
+      const p = conn.outbox[sent]!;
+      if (!(p instanceof Uint8Array ? this.io.send(conn.fd, p) : this.io.send(conn.fd, p.body, p.fds))) break;
+    }
     conn.outbox.splice(0, sent);
     if (conn.outbox.length > 0) return;
     if (conn.closing) return this.disconnect(conn);

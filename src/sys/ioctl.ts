@@ -58,6 +58,12 @@ export const KVM_GET_SREGS = 0x8138ae83;
 export const KVM_SET_SREGS = 0x4138ae84;
 // _IOW(KVMIO, 0x90, struct kvm_cpuid2)
 export const KVM_SET_CPUID2 = 0x4008ae90;
+// _IO(KVMIO, 0x60): the in-kernel PIC pair, IOAPIC and a LAPIC per vCPU created after it.
+export const KVM_CREATE_IRQCHIP = 0xae60;
+// _IOW(KVMIO, 0x77, struct kvm_pit_config): the in-kernel 8254 timer.
+export const KVM_CREATE_PIT2 = 0x4040ae77;
+// _IOW(KVMIO, 0x76, struct kvm_irqfd)
+export const KVM_IRQFD = 0x4020ae76;
 
 export const KVM_API_VERSION = 12;
 
@@ -66,6 +72,27 @@ export const KVM_CAP_USER_MEMORY = 3;
 export const KVM_CAP_NR_MEMSLOTS = 10;
 export const KVM_CAP_IOEVENTFD = 36;
 export const KVM_CAP_READONLY_MEM = 81;
+export const KVM_CAP_IRQCHIP = 0;
+export const KVM_CAP_IRQFD = 32;
+export const KVM_CAP_PIT2 = 33;
+export const KVM_CAP_IRQFD_RESAMPLE = 82;
+
+// struct kvm_pit_config { u32 flags; u32 pad[15]; } (64 bytes).
+export const KVM_PIT_CONFIG_SIZE = 64;
+/** Port 0x61 (the PC speaker) handled in the kernel too, reading as a speaker that is off. */
+export const KVM_PIT_SPEAKER_DUMMY = 1;
+
+// struct kvm_irqfd { u32 fd; u32 gsi; u32 flags; u32 resamplefd; u8 pad[16]; } (32 bytes).
+export const KVM_IRQFD_FLAG_DEASSIGN = 1 << 0;
+export const KVM_IRQFD_FLAG_RESAMPLE = 1 << 1;
+export const IRQFD_SIZE = 32;
+export function encodeIrqfd(buf: DataView, fd: number, gsi: number, flags: number, resampleFd: number): void {
+  buf.setInt32(0, fd, true);
+  buf.setUint32(4, gsi, true);
+  buf.setUint32(8, flags, true);
+  buf.setInt32(12, resampleFd, true);
+  for (let i = 16; i < 32; i++) buf.setUint8(i, 0);
+}
 
 // struct kvm_userspace_memory_region (32 bytes).
 export const KVM_MEM_READONLY = 1 << 1;

@@ -37,6 +37,13 @@
  *     7 exit     out (value & 0xff) to port 0xF4; if the host resumes the
  *                guest, it carries on with the next command
  *     8 hlt      execute hlt (IF=0); if the host resumes, carry on
+ *     9 irq_on   take interrupts: mask both 8259 PICs, load an IDT whose
+ *                vectors 0x20-0x5F each add 1 to the u32 at mailbox
+ *                0xD00 + 4*(vector - 0x20) and send the LAPIC an EOI,
+ *                enable the LAPIC (spurious vector 0x5F), sti.  The host
+ *                routes pins itself (IOAPIC writes through op 3).
+ *    10 out8     out (value & 0xff) to port addr
+ *    11 irq_off  cli
  * Serial: every byte is one `out 0x3F8, al` (the LSR is not polled).
  * At boot the guest prints "vmemd-test-guest: ready\n".
  */
@@ -60,6 +67,12 @@
 #define MAX_CMDS      100
 #define BOOT_MAGIC    0x4D454D56
 #define POLL_PAUSES   8
+#define MB_IRQ_COUNTS 0xD00             /* u32 per vector 0x20..0x5F */
+#define IRQ_FIRST     0x20
+#define IRQ_VECTORS   64
+#define IDT_BASE      0x10000           /* 256 gates of 16 bytes, zero (absent) unless set */
+#define LAPIC_SVR     0xFEE000F0
+#define LAPIC_EOI     0xFEE000B0
 
         .section .text.entry, "ax"
         .globl _start
@@ -113,6 +126,12 @@ next_cmd:
         je      op_exit
         cmp     eax, 8
         je      op_hlt
+        cmp     eax, 9
+        je      op_irq_on
+        cmp     eax, 10
+        je      op_out8
+        cmp     eax, 11
+        je      op_irq_off
         mov     dword ptr [rdi + CMD_STATUS], 1     /* unknown op */
         jmp     cmd_end
 
@@ -149,6 +168,48 @@ op_hlt:
         hlt
         jmp     cmd_ok
 
+op_out8:
+        mov     eax, r8d
+        out     dx, al                  /* port in dx (addr) */
+        jmp     cmd_ok
+op_irq_off:
+        cli
+        jmp     cmd_ok
+op_irq_on:
+        mov     al, 0xFF                /* the PICs' ExtINT would reach vector 0+pin: mask them */
+        out     0x21, al
+        out     0xA1, al
+        /* gate i (vector IRQ_FIRST + i) -> irq_stubs + 16*i: present, DPL 0, 64-bit interrupt gate */
+        lea     r9, [rip + irq_stubs]
+        mov     r10d, IDT_BASE + 16 * IRQ_FIRST
+        mov     r11d, IRQ_VECTORS
+8:      mov     rax, r9
+        and     eax, 0xFFFF
+        or      eax, 0x00080000         /* selector 0x08 */
+        mov     dword ptr [r10], eax
+        mov     rax, r9
+        shr     rax, 16
+        shl     eax, 16
+        or      eax, 0x8E00             /* P, DPL 0, type 0xE */
+        mov     dword ptr [r10 + 4], eax
+        mov     rax, r9
+        shr     rax, 32
+        mov     dword ptr [r10 + 8], eax
+        mov     dword ptr [r10 + 12], 0
+        add     r9, 16
+        add     r10, 16
+        dec     r11d
+        jnz     8b
+        sub     rsp, 16
+        mov     word ptr [rsp], 16 * 256 - 1
+        mov     qword ptr [rsp + 2], IDT_BASE
+        lidt    [rsp]
+        add     rsp, 16
+        mov     eax, LAPIC_SVR
+        mov     dword ptr [rax], 0x100 | (IRQ_FIRST + IRQ_VECTORS - 1)  /* enabled, spurious 0x5F */
+        sti
+        jmp     cmd_ok
+
 cmd_ok:
         mov     dword ptr [rdi + CMD_STATUS], 0
 cmd_end:
@@ -167,6 +228,34 @@ idle:
         dec     eax
         jnz     4b
         jmp     poll
+
+/* Interrupt entry: each stub pushes its vector; the common part counts it in the
+ * mailbox (an MMIO write, ignored, while the mailbox is not mapped), sends the LAPIC
+ * an EOI and returns.  Only rax and rdx are used, and saved. */
+        .balign 16
+irq_stubs:
+        .set    vec, IRQ_FIRST
+        .rept   IRQ_VECTORS
+        .balign 16
+        push    vec
+        jmp     irq_common
+        .set    vec, vec + 1
+        .endr
+irq_common:
+        push    rax
+        push    rdx
+        mov     eax, dword ptr [rsp + 16]   /* the vector */
+        sub     eax, IRQ_FIRST
+        shl     eax, 2
+        add     eax, MAILBOX + MB_IRQ_COUNTS
+        mov     edx, eax
+        add     dword ptr [rdx], 1
+        mov     edx, LAPIC_EOI
+        mov     dword ptr [rdx], 0
+        pop     rdx
+        pop     rax
+        add     rsp, 8
+        iretq
 
 /* puts: print NUL-terminated string at rsi.  Clobbers rax, rdx, rsi. */
 puts:
