@@ -1576,8 +1576,11 @@ class SlotGen {
     return m;
   }
 
+  /** A chunk's body: MessagePack, or JSON (a newer crosvm's unknown fields in its mappings, skipped, now and then). */
   private chunkBody(mappings: unknown, json: boolean): Uint8Array {
-    return json ? jsonBytes(mappings, this.rng.chance(0.2) ? this.jsonStyle() : {}) : encode(mappings);
+    if (!json) return encode(mappings);
+    const v = this.rng.chance(0.1) ? this.withUnknownFields(mappings) : mappings;
+    return utf8Encoder.encode((this.rng.chance(0.1) ? "\n" : "") + jsonText(v, this.rng.chance(0.2) ? this.jsonStyle() : {}));
   }
 
   private chunkPacket(mappings: Record<string, unknown>[], files: number[], label: string, json: boolean): Action {
