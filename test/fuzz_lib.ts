@@ -2214,7 +2214,8 @@ export class FuzzServer {
 
   static async start(binary: string, args: string[]): Promise<FuzzServer> {
     const s = new FuzzServer(binary, args);
-    s.proc = Bun.spawn([binary, "serve", "--socket", s.socket, ...args], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
+    // --die-with-parent: a fuzzer that dies (or throws past stop()) leaves no server behind.
+    s.proc = Bun.spawn([binary, "serve", "--socket", s.socket, "--die-with-parent", ...args], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
     s.collect(s.proc.stdout);
     s.collect(s.proc.stderr);
     const deadline = Date.now() + 15_000;
