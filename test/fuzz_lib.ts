@@ -1,20 +1,35 @@
 // The fuzz engine of issue 6, shared by scripts/fuzz.ts (the long run) and
-// test/fuzz.test.ts (a short run under `bun test`).
+// test/fuzz.test.ts (a short run under `bun test`), for wire protocol version 2
+// (PROTOCOL.md).
 //
 // It spawns the compiled server, opens several pipelined connections and sends
-// packets that are valid requests of every variant, the same with fields swapped,
-// dropped, oversized, negative, mistyped or renamed, byte-mutated packets, random
-// bytes and MessagePack garbage, MmapAndRegisterMemory sequences (complete, abandoned,
-// broken by a bad chunk), with descriptors of every kind attached at random indices.
+// packets in both encodings of version 2 (MessagePack, and JSON as crosvm's Tube writes
+// it): valid requests of every variant, the same with fields swapped, dropped,
+// oversized, negative, mistyped or renamed, byte-mutated packets, mangled JSON text
+// (bad numbers, escapes, commas, nesting, UTF-8), random bytes and MessagePack garbage,
+// MmapAndRegisterMemory sequences (complete, abandoned, broken by a bad chunk, chunks in
+// either encoding), with descriptors of every kind attached at random indices.
 //
-// Accounting is exact: a small model of the server's per-connection state (is an
-// MmapAndRegisterMemory waiting for chunks, and how many) written from PROTOCOL.md and
-// docs/protocol.md, independent of src/protocol, says which packets get a response.
-// Every response is matched to its packet in order and checked: well formed, of a
-// kind its request may get, EINVAL for malformed input. The regions, allocations and
-// ioevents the server reports are tracked from the responses, so at checkpoints and at
-// the end the server's descriptors, mappings and slots can be compared with exactly what
-// its live state needs.
+// Accounting is exact: a small model of the server written from PROTOCOL.md and
+// docs/protocol.md, independent of src/protocol, says which packets get a response and in
+// which encoding (a body whose first byte is `{`, `[`, `"` or JSON whitespace is JSON and
+// answered in JSON; an MmapAndRegisterMemory is answered in its own encoding after its
+// last chunk, whatever the chunks' encoding). The model has its own MessagePack and JSON
+// readers and its own transcription of every message shape (unknown fields: EINVAL in
+// MessagePack, ignored in JSON; a missing nullable field reads as nil; a unit variant is
+// its name, or {name: nil} as serde reads it; descriptor indices reference every attached
+// descriptor once), so it knows which packets are well-formed requests. Every response
+// is matched to its packet in order and checked: well formed (a JSON answer compact,
+// fields in PROTOCOL.md's order, an Err's errno read from the ` (os error N)` that ends
+// its root cause), in the right encoding, never larger than a packet, of a kind its
+// request may get, EINVAL for anything that is not a well-formed request and never
+// "malformed" for one that is. Pages of GetRegions / GetAllocations are checked against
+// the paging rules. The regions, allocations and ioevents the server reports are tracked
+// from the responses, so at checkpoints (where the model pages through GetRegions and
+// GetAllocations, and checks that GetState's lists are their first pages) and at the end
+// the server's descriptors, mappings and slots can be compared with exactly what its
+// live state needs. Each checkpoint also probes freed_bytes (a page counts once, a
+// reclaimed page not at all), and the end probes MSG_CTRUNC (see below).
 //
 // Deterministic from the seed: every connection slot draws from its own PRNG, never from
 // server feedback, so each slot's packet sequence is a function of (seed, slot); the
@@ -23,10 +38,17 @@
 // The model assumes the server's defaults for the limits it could hit: 65536-byte bodies,
 // 253 descriptors, --max-file-mappings 65536. Valid destinations come from small address
 // windows, so live regions stay at a few hundred: far below --max-regions-per-connection
-// (16384) and the KVM slot limit, and few enough that a State still fits one packet
-// (GetState answers EMSGSIZE from roughly 1,400 regions on).
-import { Decoder, Encoder, ExtData } from "@msgpack/msgpack";
-import { mkdtempSync, readFileSync, readlinkSync, rmSync, writeFileSync } from "node:fs";
+// (16384) and the KVM slot limit, yet more than one GetState page holds.
+//
+// MSG_CTRUNC: a sender can attach at most SCM_MAX_FD (253) descriptors to a packet and the
+// server's control buffer holds that many, so the stream cannot make the kernel cut a
+// packet's descriptors short; only a full descriptor table at the server does. The end of
+// the run does that on purpose when prlimit(1) is at hand (the server's RLIMIT_NOFILE
+// lowered to its lowest free descriptor for a moment) and checks that an
+// MmapAndRegisterMemory whose descriptors were cut short gets exactly one Err after its
+// chunks, and any other such packet Err EINVAL.
+import { Encoder, ExtData } from "@msgpack/msgpack";
+import { existsSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { Subprocess } from "bun";
@@ -43,30 +65,39 @@ const RAM_SIZE = 64 * MiB;
 /** docs/protocol.md: the default --max-file-mappings. */
 const MAX_FILE_MAPPINGS = 65536n;
 const U64_MAX = 2n ** 64n - 1n;
+const MAX_SAFE = BigInt(Number.MAX_SAFE_INTEGER);
 const EINVAL = 22;
 const ENOENT = 2;
 const CHUNK_ABORT = "failed to mmap and register memory";
+const MALFORMED_REQUEST = "malformed request";
 
-type Alloc = Record<string, unknown>;
-const BAR_A: Alloc = { PciBar: { bus: 0, dev: 5, func: 0, bar: 2 } };
-const BAR_B: Alloc = { PciBar: { bus: 0, dev: 6, func: 0, bar: 0 } };
+/** An Alloc as the fuzzer builds it: a map variant, or a unit variant's name. */
+type Alloc = Record<string, unknown> | string;
+const pciBar = (bus: number, dev: number, func: number, bar: number): Alloc => ({ PciBar: { bus, dev, func, bar } });
+const BAR_A = pciBar(0, 5, 0, 2);
+const BAR_B = pciBar(0, 6, 0, 0);
 export const FUZZ_SERVER_ARGS = ["--memory", "64M", "--pci-bar", "00:05.0/2=16M", "--pci-bar", "00:06.0/0=1M"];
 const INITIAL_ALLOCS = new Map<string, number>([
   [allocKey(BAR_A), 16 * MiB],
   [allocKey(BAR_B), 1 * MiB],
 ]);
-/** Allocations the fuzzer allocates, releases and prepares (a small set, so state repeats). */
+/** Allocations the fuzzer allocates, releases and prepares (a small set, so state repeats): every Alloc variant. */
 const ALLOC_SET: Alloc[] = [
   BAR_A,
   BAR_B,
-  { PciBar: { bus: 1, dev: 0, func: 0, bar: 0 } },
-  { PciBar: { bus: 1, dev: 0, func: 0, bar: 1 } },
-  { PciBar: { bus: 1, dev: 1, func: 0, bar: 0 } },
-  { PciBar: { bus: 2, dev: 31, func: 7, bar: 5 } },
+  pciBar(1, 0, 0, 0),
+  pciBar(1, 0, 0, 1),
+  pciBar(1, 1, 0, 0),
+  pciBar(2, 31, 7, 5),
   { Anon: 1 },
   { Anon: 2 },
   { PmemDevice: 0 },
   { FileBacked: 7 },
+  "GpuRenderNode",
+  "Pstore",
+  { PciBridgeWindow: { bus: 1, dev: 0, func: 0 } },
+  { PciBridgeWindow: { bus: 3, dev: 2, func: 1 } },
+  { PciBridgePrefetchWindow: { bus: 1, dev: 0, func: 0 } },
 ];
 
 function deepFreeze<T>(v: T): T {
@@ -95,28 +126,34 @@ export const VARIANTS = [
   "UnregisterMemory",
   "IoEventRaw",
   "GetState",
+  "GetRegions",
+  "GetAllocations",
   "AllocateMmio",
   "ReleaseMmio",
 ] as const;
-const MAP_VARIANTS = new Set<string>(VARIANTS.filter((v) => v !== "GetState"));
 /** Names the mutator draws keys and strings from: every name of PROTOCOL.md, and a few hostile ones. */
 const NAMES = [
   ...VARIANTS,
   "alloc", "cache", "source", "dest", "prot", "shm", "num_file_mappings", "ranges", "size", "event", "addr",
   "datamatch", "register", "descriptor", "offset", "handle_type", "memory_idx", "device_uuid", "driver_uuid",
   "ptr", "allocation", "read", "write", "file", "length", "mem_offset", "file_offset", "bus", "dev", "func",
-  "bar", "align", "Anon", "PciBar", "PmemDevice", "FileBacked", "SharedMemory", "Descriptor", "Vulkan",
+  "bar", "align", "from", "max", "next", "Anon", "PciBar", "PmemDevice", "FileBacked", "GpuRenderNode", "Pstore",
+  "PciBridgeWindow", "PciBridgePrefetchWindow", "SharedMemory", "Descriptor", "Vulkan",
   "ExternalMapping", "ExistingAllocation", "GuestPhysicalAddress", "CacheCoherent", "CacheNonCoherent",
-  "AnyLength", "U8", "U16", "U32", "U64", "Ok", "Err", "State", "Allocated", "errno", "chain", "file_mappings",
+  "AnyLength", "U8", "U16", "U32", "U64", "Ok", "Err", "State", "Regions", "Allocations", "Allocated", "errno",
+  "chain", "regions", "allocations", "regions_next", "allocations_next", "file_mappings",
   "registermemory", "GETSTATE", "GetState ", "", "constructor", "toString", "hasOwnProperty", "valueOf",
   "__proto__", "prototype", "length", "then",
 ];
+/** Field names no message has: a JSON struct ignores them (as crosvm's serde), MessagePack refuses them. */
+const UNKNOWN_FIELDS = ["zz_future_field", "flags", "version", "padding", "__proto__", "constructor", "toString", "Ok", "GetState"];
 /** Keys every JS object inherits: a server that looks variants up in a plain object must still say EINVAL. */
 const INHERITED = ["constructor", "toString", "hasOwnProperty", "valueOf", "isPrototypeOf", "toLocaleString", "__defineGetter__", "propertyIsEnumerable"];
 const INTERESTING: (number | bigint)[] = [
   0, 1, 2, 7, 255, 256, 4095, 4096, 4097, 8192, 65535, 65536, 0x7fff_ffff, 0x8000_0000, 0xffff_ffff, 2 ** 32,
   2 ** 32 + 4096, 2 ** 52, 2 ** 53 - 1, 2n ** 53n, 2n ** 53n + 1n, 2n ** 63n - 1n, 2n ** 63n, U64_MAX, -1, -4096,
   -(2 ** 31), -(2n ** 63n), 1.5, -0.5, Number.NaN, Number.POSITIVE_INFINITY, Number.NEGATIVE_INFINITY, 1e300, -0,
+  2 ** 53, 2n ** 64n, 4096.5,
 ];
 const DESCRIPTOR_FIELDS = new Set(["descriptor", "event", "file"]);
 
@@ -195,16 +232,19 @@ export class Rng {
   }
 }
 
+
 // ---- helpers -------------------------------------------------------------------
 
+/** A key for an Alloc: the same for every spelling of the same value (number or bigint, "Pstore" or {"Pstore": nil}). */
 function allocKey(alloc: unknown): string {
-  const a = alloc as Record<string, unknown>;
-  if ("PciBar" in a) {
-    const b = a.PciBar as Record<string, unknown>;
-    return `PciBar:${b.bus}:${b.dev}:${b.func}:${b.bar}`;
+  if (typeof alloc === "string") return alloc;
+  const [k, v] = Object.entries(alloc as Record<string, unknown>)[0] ?? ["?", null];
+  if ((k === "GpuRenderNode" || k === "Pstore") && v === null) return k;
+  if (isPlainMap(v)) {
+    const f = (x: unknown) => (typeof x === "bigint" || typeof x === "number" ? BigInt(x) : String(x));
+    return k === "PciBar" ? `PciBar:${f(v.bus)}:${f(v.dev)}:${f(v.func)}:${f(v.bar)}` : `${k}:${f(v.bus)}:${f(v.dev)}:${f(v.func)}`;
   }
-  const [k, v] = Object.entries(a)[0]!;
-  return `${k}:${v}`;
+  return `${k}:${typeof v === "bigint" || typeof v === "number" ? BigInt(v) : String(v)}`;
 }
 
 function hex(n: number | bigint): string {
@@ -219,43 +259,24 @@ function hasKeys(v: unknown, keys: readonly string[]): v is Record<string, unkno
   const own = Object.keys(v);
   return own.length === keys.length && keys.every((k) => Object.hasOwn(v, k));
 }
-/** An unsigned integer of any MessagePack width up to `max` (as @msgpack/msgpack decodes it: a safe number or a bigint). */
+/** hasKeys, and in this order (PROTOCOL.md: JSON answers have their fields in the order shown). */
+function hasKeysInOrder(v: unknown, keys: readonly string[]): v is Record<string, unknown> {
+  if (!isPlainMap(v)) return false;
+  const own = Object.keys(v);
+  return own.length === keys.length && keys.every((k, i) => own[i] === k);
+}
+/**
+ * An unsigned integer of any width up to `max`, as the model's readers decode one: a safe
+ * number or a bigint (never a float, nor JSON's "-0").
+ */
 function isUint(v: unknown, max: bigint): boolean {
-  if (typeof v === "number") return Number.isSafeInteger(v) && v >= 0 && BigInt(v) <= max;
+  if (typeof v === "number") return Number.isSafeInteger(v) && v >= 0 && !Object.is(v, -0) && BigInt(v) <= max;
   return typeof v === "bigint" && v >= 0n && v <= max;
 }
 const isU64 = (v: unknown) => isUint(v, U64_MAX);
-const isFdIndex = (v: unknown) => isUint(v, 252n);
-
-function isAlloc(v: unknown): boolean {
-  if (hasKeys(v, ["Anon"])) return isU64(v.Anon);
-  if (hasKeys(v, ["PmemDevice"])) return isU64(v.PmemDevice);
-  if (hasKeys(v, ["FileBacked"])) return isU64(v.FileBacked);
-  if (hasKeys(v, ["PciBar"])) {
-    const b = v.PciBar;
-    return hasKeys(b, ["bus", "dev", "func", "bar"]) && [b.bus, b.dev, b.func, b.bar].every((x) => isUint(x, 255n));
-  }
-  return false;
-}
-function isDestination(v: unknown): boolean {
-  if (hasKeys(v, ["GuestPhysicalAddress"])) return isU64(v.GuestPhysicalAddress);
-  if (hasKeys(v, ["ExistingAllocation"])) {
-    const e = v.ExistingAllocation;
-    return hasKeys(e, ["allocation", "offset"]) && isAlloc(e.allocation) && isU64(e.offset);
-  }
-  return false;
-}
-
-/** Descriptor indices reference every attached descriptor exactly once (PROTOCOL.md). */
-function indicesExact(indices: unknown[], nfds: number): boolean {
-  if (indices.length !== nfds) return false;
-  const used = new Uint8Array(nfds);
-  for (const i of indices) {
-    const n = Number(i);
-    if (n >= nfds || used[n]++ !== 0) return false;
-  }
-  return true;
-}
+const isU32 = (v: unknown) => isUint(v, 0xffff_ffffn);
+const big = (v: unknown) => BigInt(v as number | bigint);
+const pagesOf = (size: number) => Math.ceil(size / PAGE);
 
 /** Sets an own key, "__proto__" included (plain assignment would replace the prototype). */
 function setKey(o: Record<string, unknown>, k: string, v: unknown): void {
@@ -283,7 +304,8 @@ function concat(...parts: Uint8Array[]): Uint8Array {
   return out;
 }
 
-const bigintJson = (_k: string, v: unknown) => (typeof v === "bigint" ? `${v}n` : v instanceof Uint8Array ? `bin(${v.length})` : v);
+const bigintJson = (_k: string, v: unknown) =>
+  typeof v === "bigint" ? `${v}n` : v instanceof Uint8Array ? `bin(${v.length})` : v instanceof WFloat ? `float(${v.v})` : v;
 function show(v: unknown, max = 300): string {
   let s: string;
   try {
@@ -293,9 +315,391 @@ function show(v: unknown, max = 300): string {
   }
   return s.length > max ? s.slice(0, max) + "…" : s;
 }
+/** A packet's first bytes: JSON as text, MessagePack as hex. */
 function hexHead(b: Uint8Array, n = 48): string {
+  if (encodingOf(b) === "json") {
+    const t = JSON.stringify(Buffer.from(b.subarray(0, 2 * n)).toString("latin1"));
+    return `json ${t}${b.length > 2 * n ? "…" : ""}`;
+  }
   return Buffer.from(b.subarray(0, n)).toString("hex") + (b.length > n ? "…" : "");
 }
+
+// ---- the two encodings, read and written without src/protocol -------------------
+
+type Enc = "msgpack" | "json";
+
+/** PROTOCOL.md, "Encoding per packet": `{`, `[`, `"` or JSON whitespace first is JSON; anything else (an empty body too) MessagePack. */
+function encodingOf(body: Uint8Array): Enc {
+  const c = body[0];
+  return c === 0x7b || c === 0x5b || c === 0x22 || c === 0x20 || c === 0x09 || c === 0x0a || c === 0x0d ? "json" : "msgpack";
+}
+
+/** A float on the wire (MessagePack float 32/64, a JSON number with a fraction or exponent): no integer field takes one. */
+class WFloat {
+  constructor(readonly v: number) {}
+}
+/** A MessagePack ext value (a timestamp included): no field takes one. */
+class WExt {
+  constructor(
+    readonly type: number,
+    readonly length: number,
+  ) {}
+}
+/** A JSON object's keys that came more than once (the value kept is the first). */
+const DUPLICATES = Symbol("duplicate keys");
+function duplicatesOf(o: Record<string, unknown>): Set<string> | undefined {
+  return (o as { [DUPLICATES]?: Set<string> })[DUPLICATES];
+}
+class Invalid extends Error {}
+
+/** The server refuses containers nested deeper than this: MessagePack (no request nests past 6), JSON (as serde_json's limit). */
+const MSGPACK_MAX_DEPTH = 32;
+const JSON_MAX_DEPTH = 128;
+const utf8Lenient = new TextDecoder("utf-8");
+const utf8Strict = new TextDecoder("utf-8", { fatal: true });
+const utf8Encoder = new TextEncoder();
+
+/**
+ * A MessagePack body as the server's reader sees it; throws Invalid for what no request
+ * can be: truncation, trailing bytes, the never-used type 0xc1, a map key that is not a
+ * string or comes twice (every MessagePack map of a request is a struct or an enum, and both
+ * refuse those), nesting past the server's depth.
+ */
+function readMsgpack(b: Uint8Array): unknown {
+  const dv = new DataView(b.buffer, b.byteOffset, b.byteLength);
+  let pos = 0;
+  const bad = (why: string): never => {
+    throw new Invalid(why);
+  };
+  const take = (n: number) => {
+    if (n > b.length - pos) bad("truncated");
+    const at = pos;
+    pos += n;
+    return at;
+  };
+  const u = (n: 1 | 2 | 4) => {
+    const at = take(n);
+    return n === 1 ? b[at]! : n === 2 ? dv.getUint16(at) : dv.getUint32(at);
+  };
+  const u64 = (signed: boolean): number | bigint => {
+    const at = take(8);
+    if (signed && b[at]! >= 0x80) {
+      const v = dv.getBigInt64(at);
+      return v >= -MAX_SAFE ? Number(v) : v;
+    }
+    const hi = dv.getUint32(at);
+    return hi < 0x20_0000 ? hi * 2 ** 32 + dv.getUint32(at + 4) : dv.getBigUint64(at);
+  };
+  const str = (n: number) => {
+    const at = take(n);
+    return utf8Lenient.decode(b.subarray(at, at + n));
+  };
+  const ext = (n: number) => {
+    const type = dv.getInt8(take(1));
+    take(n);
+    return new WExt(type, n);
+  };
+  const isStr = (t: number | undefined) => t !== undefined && ((t >= 0xa0 && t <= 0xbf) || t === 0xd9 || t === 0xda || t === 0xdb);
+  const array = (n: number, depth: number): unknown[] => {
+    if (depth >= MSGPACK_MAX_DEPTH) bad("nested too deeply");
+    if (n > b.length - pos) bad("count larger than the packet");
+    const out: unknown[] = [];
+    for (let i = 0; i < n; i++) out.push(value(depth + 1));
+    return out;
+  };
+  const map = (n: number, depth: number): Record<string, unknown> => {
+    if (depth >= MSGPACK_MAX_DEPTH) bad("nested too deeply");
+    if (2 * n > b.length - pos) bad("count larger than the packet");
+    const o: Record<string, unknown> = {};
+    for (let i = 0; i < n; i++) {
+      if (!isStr(b[pos])) bad("a map key that is not a string");
+      const k = value(depth + 1) as string;
+      if (Object.hasOwn(o, k)) bad("a key twice");
+      setKey(o, k, value(depth + 1));
+    }
+    return o;
+  };
+  const value = (depth: number): unknown => {
+    const t = b[take(1)]!;
+    if (t <= 0x7f) return t;
+    if (t >= 0xe0) return t - 0x100;
+    if (t <= 0x8f) return map(t - 0x80, depth);
+    if (t <= 0x9f) return array(t - 0x90, depth);
+    if (t <= 0xbf) return str(t - 0xa0);
+    switch (t) {
+      case 0xc0:
+        return null;
+      case 0xc2:
+        return false;
+      case 0xc3:
+        return true;
+      case 0xc4:
+      case 0xc5:
+      case 0xc6: {
+        const n = u(t === 0xc4 ? 1 : t === 0xc5 ? 2 : 4);
+        const at = take(n);
+        return b.slice(at, at + n);
+      }
+      case 0xc7:
+      case 0xc8:
+      case 0xc9:
+        return ext(u(t === 0xc7 ? 1 : t === 0xc8 ? 2 : 4));
+      case 0xca:
+        return new WFloat(dv.getFloat32(take(4)));
+      case 0xcb:
+        return new WFloat(dv.getFloat64(take(8)));
+      case 0xcc:
+        return u(1);
+      case 0xcd:
+        return u(2);
+      case 0xce:
+        return u(4);
+      case 0xcf:
+        return u64(false);
+      case 0xd0:
+        return dv.getInt8(take(1));
+      case 0xd1:
+        return dv.getInt16(take(2));
+      case 0xd2:
+        return dv.getInt32(take(4));
+      case 0xd3:
+        return u64(true);
+      case 0xd4:
+      case 0xd5:
+      case 0xd6:
+      case 0xd7:
+      case 0xd8:
+        return ext(2 ** (t - 0xd4));
+      case 0xd9:
+        return str(u(1));
+      case 0xda:
+        return str(u(2));
+      case 0xdb:
+        return str(u(4));
+      case 0xdc:
+        return array(u(2), depth);
+      case 0xdd:
+        return array(u(4), depth);
+      case 0xde:
+        return map(u(2), depth);
+      case 0xdf:
+        return map(u(4), depth);
+    }
+    return bad("type 0xc1");
+  };
+  const v = value(0);
+  if (pos !== b.length) bad("trailing bytes");
+  return v;
+}
+
+const isDigit = (c: number | undefined) => c !== undefined && c >= 0x30 && c <= 0x39;
+
+/** JSON string escapes (RFC 8259); null when one is malformed. */
+function unescapeJson(s: string): string | null {
+  let out = "";
+  for (let i = 0; i < s.length; i++) {
+    const c = s[i]!;
+    if (c !== "\\") {
+      out += c;
+      continue;
+    }
+    const e = s[++i];
+    const simple: Record<string, string> = { '"': '"', "\\": "\\", "/": "/", b: "\b", f: "\f", n: "\n", r: "\r", t: "\t" };
+    if (e !== undefined && Object.hasOwn(simple, e)) out += simple[e];
+    else if (e === "u" && /^[0-9a-fA-F]{4}$/.test(s.slice(i + 1, i + 5))) {
+      out += String.fromCharCode(parseInt(s.slice(i + 1, i + 5), 16));
+      i += 4;
+    } else return null;
+  }
+  return out;
+}
+
+/**
+ * A JSON body (RFC 8259, as serde_json reads it): integers exact (a number up to 2^53 - 1,
+ * else a bigint; "-0" is -0), fractions and exponents as WFloat, strings checked (UTF-8,
+ * escapes, no control characters), nesting up to the server's depth. Throws Invalid for
+ * anything that is not one JSON value with optional whitespace around it. An object keeps
+ * the first value of a repeated key and lists the key under DUPLICATES: a struct refuses a
+ * known field twice but skips unknown ones, and an enum refuses any second key.
+ */
+function readJson(b: Uint8Array): unknown {
+  let pos = 0;
+  const n = b.length;
+  const bad = (why: string): never => {
+    throw new Invalid(why);
+  };
+  const ws = () => {
+    for (let c = b[pos]; c === 0x20 || c === 0x09 || c === 0x0a || c === 0x0d; c = b[++pos]);
+  };
+  const literal = (text: string, v: unknown) => {
+    for (let i = 0; i < text.length; i++) if (b[pos + i] !== text.charCodeAt(i)) bad("bad literal");
+    pos += text.length;
+    return v;
+  };
+  const string = (): string => {
+    pos++;
+    const start = pos;
+    let escaped = false;
+    for (;;) {
+      if (pos >= n) bad("the packet ends inside a string");
+      const c = b[pos]!;
+      if (c === 0x22) break;
+      if (c === 0x5c) {
+        escaped = true;
+        pos += 2;
+        continue;
+      }
+      if (c < 0x20) bad("a control character inside a string");
+      pos++;
+    }
+    let text: string;
+    try {
+      text = utf8Strict.decode(b.subarray(start, pos));
+    } catch {
+      return bad("not UTF-8");
+    }
+    pos++;
+    if (!escaped) return text;
+    return unescapeJson(text) ?? bad("a bad escape");
+  };
+  const number = (): unknown => {
+    const start = pos;
+    if (b[pos] === 0x2d) pos++;
+    if (!isDigit(b[pos])) bad("a minus without digits");
+    if (b[pos] === 0x30) pos++;
+    else while (isDigit(b[pos])) pos++;
+    let float = false;
+    if (b[pos] === 0x2e) {
+      pos++;
+      if (!isDigit(b[pos])) bad("a fraction without digits");
+      while (isDigit(b[pos])) pos++;
+      float = true;
+    }
+    if (b[pos] === 0x65 || b[pos] === 0x45) {
+      pos++;
+      if (b[pos] === 0x2b || b[pos] === 0x2d) pos++;
+      if (!isDigit(b[pos])) bad("an exponent without digits");
+      while (isDigit(b[pos])) pos++;
+      float = true;
+    }
+    const text = Buffer.from(b.subarray(start, pos)).toString("latin1");
+    if (float) return new WFloat(Number(text));
+    if (text === "-0") return -0;
+    const v = BigInt(text);
+    return v >= -MAX_SAFE && v <= MAX_SAFE ? Number(v) : v;
+  };
+  const value = (depth: number): unknown => {
+    ws();
+    const c = b[pos];
+    if (c === 0x7b || c === 0x5b) {
+      if (depth >= JSON_MAX_DEPTH) bad("nested too deeply");
+      pos++;
+      ws();
+      const close = c === 0x7b ? 0x7d : 0x5d;
+      const o: Record<string, unknown> = {};
+      const a: unknown[] = [];
+      if (b[pos] === close) {
+        pos++;
+        return c === 0x7b ? o : a;
+      }
+      for (;;) {
+        if (c === 0x7b) {
+          ws();
+          if (b[pos] !== 0x22) bad("a key that is not a string");
+          const k = string();
+          ws();
+          if (b[pos] !== 0x3a) bad("no colon after a key");
+          pos++;
+          const v = value(depth + 1);
+          if (!Object.hasOwn(o, k)) setKey(o, k, v);
+          else {
+            const d = duplicatesOf(o) ?? new Set<string>();
+            d.add(k);
+            Object.defineProperty(o, DUPLICATES, { value: d, enumerable: false, configurable: true });
+          }
+        } else a.push(value(depth + 1));
+        ws();
+        if (b[pos] === 0x2c) {
+          pos++;
+          continue;
+        }
+        if (b[pos] === close) {
+          pos++;
+          return c === 0x7b ? o : a;
+        }
+        bad("no comma between entries");
+      }
+    }
+    if (c === 0x22) return string();
+    if (c === 0x2d || isDigit(c)) return number();
+    if (c === 0x74) return literal("true", true);
+    if (c === 0x66) return literal("false", false);
+    if (c === 0x6e) return literal("null", null);
+    return bad(pos >= n ? "the packet ends before a value" : "not a value");
+  };
+  const v = value(0);
+  ws();
+  if (pos !== n) bad("trailing bytes");
+  return v;
+}
+
+/** A body in its encoding (by its first byte); undefined when it is not one value. */
+function decodeBody(body: Uint8Array): { value: unknown } | undefined {
+  try {
+    return { value: encodingOf(body) === "json" ? readJson(body) : readMsgpack(body) };
+  } catch (e) {
+    if (e instanceof Invalid || e instanceof RangeError) return undefined;
+    throw e;
+  }
+}
+
+interface JsonStyle {
+  /** Whitespace between tokens (RFC 8259 allows it anywhere between them). */
+  ws?: () => string;
+  /** Whether to write this ASCII character of a string as a \u escape (the same string to a reader). */
+  escape?: (c: number) => boolean;
+}
+
+/**
+ * JSON text as serde_json writes it (compact, `"`, `\` and control characters escaped,
+ * everything else as is), or spaced and escaped per `style`. Bigints are exact; a number
+ * that is not a safe integer is written as JavaScript prints it (1.5, 1e+300, NaN: the
+ * last two are a mangling); bytes as an array of numbers (serde's [u8; 16]).
+ */
+function jsonText(v: unknown, style: JsonStyle = {}): string {
+  const ws = style.ws ?? (() => "");
+  const esc = style.escape;
+  const str = (s: string) => {
+    let out = '"';
+    for (let i = 0; i < s.length; i++) {
+      const c = s.charCodeAt(i);
+      if (c === 0x22) out += '\\"';
+      else if (c === 0x5c) out += "\\\\";
+      else if (c < 0x20) {
+        const short: Record<number, string> = { 8: "\\b", 9: "\\t", 10: "\\n", 12: "\\f", 13: "\\r" };
+        out += short[c] ?? `\\u00${c.toString(16).padStart(2, "0")}`;
+      } else if (esc !== undefined && c < 0x80 && esc(c)) out += `\\u${c.toString(16).padStart(4, "0")}`;
+      else out += s[i];
+    }
+    return out + '"';
+  };
+  const value = (x: unknown): string => {
+    if (x === null || x === undefined) return "null";
+    if (typeof x === "boolean") return String(x);
+    if (typeof x === "bigint") return x.toString();
+    if (typeof x === "number") return Object.is(x, -0) ? "-0" : String(x);
+    if (typeof x === "string") return str(x);
+    if (x instanceof WFloat) return Number.isInteger(x.v) ? `${x.v}.0` : String(x.v);
+    if (x instanceof Uint8Array) return value(Array.from(x));
+    if (Array.isArray(x)) return `[${ws()}${x.map((e) => value(e)).join(`${ws()},${ws()}`)}${ws()}]`;
+    if (isPlainMap(x)) return `{${ws()}${Object.keys(x).map((k) => `${str(k)}${ws()}:${ws()}${value(x[k])}`).join(`${ws()},${ws()}`)}${ws()}}`;
+    if (x instanceof Date) return String(x.getTime());
+    return '"ext"';
+  };
+  return value(v);
+}
+
+const jsonBytes = (v: unknown, style?: JsonStyle) => utf8Encoder.encode(jsonText(v, style));
 
 // ---- descriptors ------------------------------------------------------------------
 
@@ -317,12 +721,15 @@ type FdKind =
 interface PoolFd {
   fd: number;
   kind: FdKind;
+  /** The object's size (for /dev/zero, which has none, the size the fuzzer maps of it). */
   size: number;
 }
 const MEMFD_NAME = "vmemd-fuzz";
 const VALID_SIZES = [PAGE, 2 * PAGE, 4 * PAGE, 64 * 1024, MiB, 2 * MiB];
 const O_PATH = 0o10000000;
 const F_SEAL_WRITE = 0x0008;
+/** Descriptors mmap refuses (PROTOCOL.md: the kernel's errno, ENODEV, EACCES, EBADF), whatever the request says. */
+const UNMAPPABLE = new Set<FdKind>(["opath", "eventfd", "pipe-r", "pipe-w", "socket", "dir", "devnull", "epoll"]);
 
 function memfd(size: number, flags = sys.MFD_CLOEXEC | sys.MFD_ALLOW_SEALING, name = MEMFD_NAME): PoolFd {
   const fd = sys.memfdCreate(name, flags);
@@ -330,7 +737,11 @@ function memfd(size: number, flags = sys.MFD_CLOEXEC | sys.MFD_ALLOW_SEALING, na
   return { fd, kind: flags & sys.MFD_ALLOW_SEALING ? "memfd" : "memfd-unsealable", size };
 }
 
-/** Descriptors every slot may attach: memory sources of useful sizes, and one or more of every other kind. */
+/**
+ * Descriptors every slot may attach: memory sources of useful sizes (memfds, one of a size
+ * that is not a page multiple, one whose writes are sealed, a regular file, /dev/zero: all
+ * sources in version 2), and one or more of every other kind.
+ */
 class SharedPool {
   readonly dir: string;
   readonly memory: PoolFd[] = [];
@@ -342,6 +753,11 @@ class SharedPool {
     for (const size of VALID_SIZES) for (let i = 0; i < 2; i++) this.memory.push(memfd(size));
     const path = join(this.dir, "regular-file");
     writeFileSync(path, new Uint8Array(64 * 1024));
+    const sealedSource = memfd(64 * 1024);
+    sys.fcntl(sealedSource.fd, sys.F_ADD_SEALS, F_SEAL_WRITE);
+    this.memory.push(memfd(3 * PAGE + 100), { ...sealedSource, kind: "memfd-write-sealed" });
+    this.memory.push({ fd: sys.open(path, sys.O_RDWR), kind: "file", size: 64 * 1024 });
+    this.memory.push({ fd: sys.open("/dev/zero", sys.O_RDWR), kind: "devzero", size: 64 * 1024 });
     const m = memfd(64 * 1024);
     this.hostile.push(m, memfd(0), memfd(1), memfd(PAGE - 1), memfd(64 * 1024, sys.MFD_CLOEXEC, MEMFD_NAME + "-unsealable"));
     this.hostile.push({ fd: sys.open(`/proc/self/fd/${m.fd}`, sys.O_RDONLY), kind: "memfd-rdonly", size: 64 * 1024 });
@@ -360,6 +776,11 @@ class SharedPool {
     this.hostile.push({ fd: sys.open("/dev/zero", sys.O_RDWR), kind: "devzero", size: 0 });
     this.epoll = new sys.Epoll(1);
     this.hostile.push({ fd: this.epoll.fd, kind: "epoll", size: 0 });
+  }
+
+  /** Descriptors no mapping can be made of: mmap refuses them, or (an empty memfd) nothing lies inside. */
+  get unmappable(): PoolFd[] {
+    return this.hostile.filter((p) => UNMAPPABLE.has(p.kind) || (p.kind === "memfd" && p.size === 0));
   }
 
   close(): void {
@@ -383,6 +804,10 @@ const enum Check {
   State,
   Errno,
   Marker,
+  /** An Err of any errno: the request cannot succeed (a source mmap refuses, a file mapping that cannot be made). */
+  Refused,
+  /** A Regions or Allocations page, by the paging rules of its request. */
+  Page,
 }
 interface Packet {
   body: Uint8Array;
@@ -392,6 +817,8 @@ interface Packet {
   errno?: number;
   marker?: number;
   onResponse?: (resp: unknown) => void;
+  /** The server gets this packet's descriptors cut short (MSG_CTRUNC): only the CTRUNC probe sets it. */
+  ctrunc?: boolean;
 }
 type Action = { packet: Packet } | { disconnect: "abrupt" | "graceful" };
 
@@ -409,13 +836,32 @@ export interface Windows {
   /** MmapAndRegisterMemory destinations. */
   mmapBase: number;
 }
-const REG_SLOTS = 128;
+const REG_SLOTS = 256;
 const MMAP_SLOTS = 16;
 const IOEVENT_BASE = 0xe000_0000;
 
 const encoder = new Encoder({ useBigInt64: true, initialBufferSize: 4096 });
+/**
+ * MessagePack of a value. With useBigInt64, @msgpack/msgpack writes a number from 2^32 up
+ * (and below -2^31) as a float 64, which no integer field takes: such integers go as
+ * bigints (uint 64 / int 64). A number that is not a safe integer stays a float on purpose.
+ */
 function encode(v: unknown): Uint8Array {
-  return encoder.encode(v).slice();
+  return encoder.encode(integersExact(v)).slice();
+}
+function integersExact(v: unknown): unknown {
+  if (typeof v === "number") return Number.isSafeInteger(v) && (v >= 2 ** 32 || v < -(2 ** 31)) ? BigInt(v) : v;
+  if (Array.isArray(v)) return v.map(integersExact);
+  if (isPlainMap(v)) {
+    const o: Record<string, unknown> = {};
+    for (const k of Object.keys(v)) setKey(o, k, integersExact(v[k]));
+    return o;
+  }
+  return v;
+}
+/** Whether a map is a struct payload (its keys are snake_case fields) rather than an enum (one CamelCase variant). */
+function isStructMap(v: unknown): v is Record<string, unknown> {
+  return isPlainMap(v) && Object.keys(v).length > 0 && Object.keys(v).every((k) => /^[a-z]/.test(k));
 }
 
 class SlotGen {
@@ -453,14 +899,16 @@ class SlotGen {
     return r.weighted<() => number>([
       [1, () => 0],
       [2, () => r.range(1, 3 * PAGE)],
+      [2, () => PAGE * r.range(1, 64) + r.range(1, PAGE - 1)],
       [7, () => PAGE * r.range(1, 512)],
     ])();
   }
 
   // -- descriptors
 
-  private validMemfd(minSize = PAGE): PoolFd {
-    const ok = this.pool.memory.filter((p) => p.size >= minSize);
+  /** A memory source of at least `minSize` bytes; `sized`: one whose size the kernel reports (not /dev/zero). */
+  private validMemfd(minSize = PAGE, sized = false): PoolFd {
+    const ok = this.pool.memory.filter((p) => p.size >= minSize && (!sized || p.kind !== "devzero"));
     return this.rng.pick(ok.length > 0 ? ok : this.pool.memory);
   }
   private anyFd(): PoolFd {
@@ -472,8 +920,91 @@ class SlotGen {
       [1, () => ({ fd: r.pick(this.eventfds), kind: "eventfd", size: 0 })],
     ])();
   }
-  private nonMemoryFd(): PoolFd {
-    return this.rng.pick(this.pool.hostile.filter((p) => !p.kind.startsWith("memfd") || p.size % PAGE !== 0));
+
+  // -- encodings
+
+  /** A style for a valid JSON request: mostly serde's compact text, else spaced, escaped or led by whitespace (all the same value). */
+  private jsonStyle(): JsonStyle {
+    const r = this.rng;
+    const spaces = [" ", "\n", "\t", "\r\n", "  "];
+    return r.weighted<() => JsonStyle>([
+      [6, () => ({})],
+      [2, () => ({ ws: () => (r.chance(0.3) ? r.pick(spaces) : "") })],
+      [1, () => ({ escape: () => r.chance(0.1) })],
+      [1, () => ({ ws: () => (r.chance(0.05) ? "\n" : "") })],
+    ])();
+  }
+
+  /** The value as a packet body: MessagePack, or JSON (a valid request stays valid: JSON ignores unknown fields). */
+  private body(value: unknown, json: boolean, valid = false): Uint8Array {
+    if (!json) return encode(valid && this.rng.chance(0.1) ? this.shuffled(value) : value);
+    const r = this.rng;
+    let v = value;
+    if (valid && r.chance(0.15)) v = this.withUnknownFields(v);
+    if (valid && r.chance(0.15)) v = this.shuffled(v);
+    const text = jsonText(v, this.jsonStyle());
+    const lead = r.chance(0.1) ? r.pick([" ", "\n", "\t", "\r", "\r\n  "]) : "";
+    return utf8Encoder.encode(lead + text + (r.chance(0.05) ? r.pick([" ", "\n"]) : ""));
+  }
+
+  /** The same value with every struct's fields in a random order (PROTOCOL.md: in any order). */
+  private shuffled(v: unknown): unknown {
+    if (Array.isArray(v)) return v.map((x) => this.shuffled(x));
+    if (!isPlainMap(v)) return v;
+    const keys = Object.keys(v);
+    if (isStructMap(v)) {
+      for (let i = keys.length - 1; i > 0; i--) {
+        const j = this.rng.int(i + 1);
+        [keys[i], keys[j]] = [keys[j]!, keys[i]!];
+      }
+    }
+    const o: Record<string, unknown> = {};
+    for (const k of keys) setKey(o, k, this.shuffled(v[k]));
+    return o;
+  }
+
+  /** The same value with fields no message has in some structs: JSON skips them (crosvm's serde does). */
+  private withUnknownFields(v: unknown): unknown {
+    if (Array.isArray(v)) return v.map((x) => this.withUnknownFields(x));
+    if (!isPlainMap(v)) return v;
+    const o: Record<string, unknown> = {};
+    for (const k of Object.keys(v)) setKey(o, k, this.withUnknownFields(v[k]));
+    if (isStructMap(v) && this.rng.chance(0.5)) {
+      for (let i = this.rng.range(1, 2); i > 0; i--) {
+        const name = this.rng.pick(UNKNOWN_FIELDS);
+        if (!Object.hasOwn(o, name)) setKey(o, name, this.jsonSafeJunk(0));
+      }
+    }
+    return o;
+  }
+
+  /** Any JSON value (an unknown field's): nested, floats, huge integers, escapes, descriptor-like names. */
+  private jsonSafeJunk(depth: number): unknown {
+    const r = this.rng;
+    switch (r.int(depth >= 3 ? 5 : 7)) {
+      case 0:
+        return null;
+      case 1:
+        return r.chance(0.5);
+      case 2:
+        return r.weighted<() => unknown>([
+          [2, () => r.u32()],
+          [1, () => -r.u32()],
+          [1, () => new WFloat(r.float() * 1e6)],
+          [1, () => 10n ** BigInt(r.range(20, 40))],
+        ])();
+      case 3:
+        return r.pick(NAMES);
+      case 4:
+        return Buffer.from(r.bytes(r.int(12))).toString("latin1");
+      case 5:
+        return Array.from({ length: r.int(4) }, () => this.jsonSafeJunk(depth + 1));
+      default: {
+        const o: Record<string, unknown> = {};
+        for (let i = r.int(4); i > 0; i--) setKey(o, r.pick(["descriptor", "file", "size", "x", "GetState"]), this.jsonSafeJunk(depth + 1));
+        return o;
+      }
+    }
   }
 
   // -- values
@@ -484,9 +1015,15 @@ class SlotGen {
     return r.weighted<() => number | bigint>([
       [4, () => r.int(1 << 20)],
       [2, () => PAGE * r.int(1 << 16)],
-      [2, () => r.pick(INTERESTING.filter((v) => isU64(v)))],
+      [2, () => r.pick(INTERESTING.filter(isU64))],
       [1, () => r.u64()],
     ])();
+  }
+  /** A string long enough, and full enough of what JSON escapes, that echoing it in an Err could outgrow a packet. */
+  private escapeHeavy(): string {
+    const r = this.rng;
+    const unit = r.pick(['"', "\\", "\u0001", '"\\', "\u001f\"", "\u0000"]);
+    return unit.repeat(Math.ceil(r.range(4000, 30000) / unit.length));
   }
   private junk(depth = 0): unknown {
     const r = this.rng;
@@ -511,6 +1048,7 @@ class SlotGen {
           [4, () => r.pick(NAMES)],
           [2, () => Buffer.from(r.bytes(r.int(24))).toString("latin1")],
           [1, () => "x".repeat(r.range(100, 3000))],
+          [0.1, () => this.escapeHeavy()],
         ])();
       case 6:
         return r.bytes(r.pick([0, 1, 15, 16, 17, 64]));
@@ -539,43 +1077,59 @@ class SlotGen {
     return { [kind]: value };
   }
 
-  private regionDest(size: number): { dest: unknown; gpa: number | null } {
+  private regionDest(): { dest: unknown; gpa: number | null } {
     const r = this.rng;
     return r.weighted<() => { dest: unknown; gpa: number | null }>([
       [6, () => {
         const gpa = this.win.regBase + 4 * MiB * r.int(REG_SLOTS);
         return { dest: { GuestPhysicalAddress: gpa }, gpa };
       }],
-      // 64 and 16 places in the BARs (a State listing thousands of regions no longer fits a packet).
+      // 64 and 16 places in the BARs: fixed mappings collide there, and stay few.
       [3, () => ({ dest: { ExistingAllocation: { allocation: BAR_A, offset: 256 * 1024 * r.int(64) } }, gpa: null })],
       [1, () => ({ dest: { ExistingAllocation: { allocation: BAR_B, offset: 64 * 1024 * r.int(16) } }, gpa: null })],
       [0.5, () => {
         const gpa = RAM_SIZE + 8 * MiB * r.int(256); // below the PCI hole, above RAM
         return { dest: { GuestPhysicalAddress: gpa }, gpa };
       }],
+      [0.2, () => ({ dest: { ExistingAllocation: { allocation: r.pick(ALLOC_SET), offset: PAGE * r.int(4) } }, gpa: null })],
     ])();
   }
 
+  /**
+   * RegisterMemory of a memory source: a whole object or a range of it, of any size inside
+   * it (sizes need not be page multiples), read-only, read-write or write-only (mapped
+   * read-write); `randomSource` takes one of this slot's memfds of random sizes.
+   */
   private registerMemory(randomSource: boolean): Built {
     const r = this.rng;
     const m = randomSource ? r.pick(this.randomMemfds) : this.validMemfd();
     let source: unknown;
     let size: number;
     if (randomSource) {
-      size = r.chance(0.5) ? m.size : PAGE * r.range(0, 4);
+      size = r.weighted<() => number>([
+        [4, () => m.size],
+        [3, () => PAGE * r.range(0, 4)],
+        [2, () => r.range(1, 5 * PAGE)],
+      ])();
       source = { SharedMemory: { descriptor: 0, size } };
-    } else if (r.chance(0.7)) {
+    } else if (r.chance(0.6)) {
       size = m.size;
       source = { SharedMemory: { descriptor: 0, size } };
     } else {
-      const pages = m.size / PAGE;
-      const len = r.range(1, pages);
-      size = len * PAGE;
-      source = { Descriptor: { descriptor: 0, offset: PAGE * r.int(pages - len + 1), size } };
+      const offset = PAGE * r.int(pagesOf(m.size));
+      const room = m.size - offset;
+      size = r.chance(0.6) ? PAGE * r.range(1, Math.max(1, Math.floor(room / PAGE))) : r.range(1, room);
+      size = Math.min(size, room);
+      source = { Descriptor: { descriptor: 0, offset, size } };
     }
-    const { dest, gpa } = this.regionDest(size);
+    const { dest, gpa } = this.regionDest();
     if (gpa !== null) this.remember(gpa);
-    const value = { RegisterMemory: { source, dest, prot: { read: true, write: r.chance(0.5) }, cache: r.pick(["CacheCoherent", "CacheNonCoherent"]) } };
+    const prot = r.weighted<() => unknown>([
+      [8, () => ({ read: true, write: false })],
+      [8, () => ({ read: true, write: true })],
+      [2, () => ({ read: false, write: true })],
+    ])();
+    const value = { RegisterMemory: { source, dest, prot, cache: r.pick(["CacheCoherent", "CacheNonCoherent"]) } };
     return { value, fds: [m.fd], variant: "RegisterMemory" };
   }
 
@@ -592,13 +1146,38 @@ class SlotGen {
     });
   }
 
+  /** A page request's `from` and `max` (max nil, left out, 0, small or large). */
+  private pageRequest(name: "GetRegions" | "GetAllocations"): unknown {
+    const r = this.rng;
+    const from = r.weighted<() => number | bigint>([
+      [4, () => 0],
+      [3, () => (this.ownRegions.length > 0 ? r.pick(this.ownRegions) + r.pick([0, 0, 1, -1]) : 0)],
+      [2, () => (name === "GetRegions" ? this.win.regBase + 4 * MiB * r.int(REG_SLOTS) : 0xd000_0000 + PAGE * r.int(1 << 16))],
+      [1, () => this.u64ish()],
+    ])();
+    const payload: Record<string, unknown> = { from };
+    r.weighted<() => void>([
+      [3, () => (payload.max = null)],
+      [2, () => {}],
+      [4, () => (payload.max = r.range(1, 8))],
+      [1, () => (payload.max = 0)],
+      [1, () => (payload.max = r.range(9, 2000))],
+      [0.5, () => (payload.max = 0xffff_ffff)],
+    ])();
+    return { [name]: payload };
+  }
+
   private valid(): Built {
     const r = this.rng;
     const kind = r.weighted<string>([
       [25, "RegisterMemory"],
       [6, "RegisterRandomSource"],
+      [3, "UnmappableSource"],
+      [1, "NoAccess"],
       [20, "UnregisterMemory"],
-      [8, "GetState"],
+      [6, "GetState"],
+      [3, "GetRegions"],
+      [2, "GetAllocations"],
       [5, "BalloonTargetReached"],
       [5, "DynamicallyFreeMemoryRanges"],
       [5, "DynamicallyReclaimMemoryRanges"],
@@ -607,6 +1186,7 @@ class SlotGen {
       [4, "AllocateMmio"],
       [3, "ReleaseMmio"],
       [3, "MmapNoFiles"],
+      [1, "MmapUnmappableShm"],
       [2, "ExternalMapping"],
       [2, "Vulkan"],
     ]);
@@ -615,13 +1195,27 @@ class SlotGen {
         return this.registerMemory(false);
       case "RegisterRandomSource":
         return this.registerMemory(true);
+      case "UnmappableSource": {
+        // Any descriptor mmap refuses: the request can only fail, with the kernel's errno (or an earlier check's).
+        const b = this.registerMemory(false);
+        b.fds = [r.pick(this.pool.unmappable).fd];
+        return { ...b, check: Check.Refused };
+      }
+      case "NoAccess": {
+        const b = this.registerMemory(false);
+        (b.value as { RegisterMemory: Record<string, unknown> }).RegisterMemory.prot = { read: false, write: false };
+        return { ...b, check: Check.Errno, errno: EINVAL };
+      }
       case "UnregisterMemory": {
         const own = this.ownRegions.length > 0 && r.chance(0.85);
         const id = own ? this.ownRegions.splice(r.int(this.ownRegions.length), 1)[0]! : this.u64ish();
         return { value: { UnregisterMemory: id }, fds: [], variant: kind };
       }
       case "GetState":
-        return { value: "GetState", fds: [], check: Check.State, variant: kind };
+        return { value: r.chance(0.95) ? "GetState" : { GetState: null }, fds: [], check: Check.State, variant: kind };
+      case "GetRegions":
+      case "GetAllocations":
+        return { value: this.pageRequest(kind), fds: [], check: Check.Page, variant: kind };
       case "BalloonTargetReached":
         return { value: { BalloonTargetReached: { size: this.u64ish() } }, fds: [], check: Check.Ok, variant: kind };
       case "DynamicallyFreeMemoryRanges":
@@ -649,9 +1243,16 @@ class SlotGen {
       }
       case "AllocateMmio": {
         const alloc = r.pick(ALLOC_SET);
-        const size = "PciBar" in alloc ? PAGE * 2 ** r.weighted([[10, r.int(15)], [1, r.range(16, 18)]]) : PAGE * r.range(1, 4096);
-        const align = r.chance(0.5) ? null : PAGE * 2 ** r.int(9);
-        return { value: { AllocateMmio: { alloc, size, align } }, fds: [], variant: kind };
+        const isBar = typeof alloc === "object" && "PciBar" in alloc;
+        const size = isBar ? PAGE * 2 ** r.weighted([[10, r.int(15)], [1, r.range(16, 18)]]) : PAGE * r.range(1, 4096);
+        const payload: Record<string, unknown> = { alloc, size };
+        // align: nil, left out (reads as nil), or a power of two.
+        r.weighted<() => void>([
+          [2, () => (payload.align = null)],
+          [1, () => {}],
+          [2, () => (payload.align = PAGE * 2 ** r.int(9))],
+        ])();
+        return { value: { AllocateMmio: payload }, fds: [], variant: kind };
       }
       case "ReleaseMmio":
         return { value: { ReleaseMmio: r.chance(0.8) ? r.pick(ALLOC_SET.slice(2)) : r.pick(ALLOC_SET) }, fds: [], variant: kind };
@@ -662,14 +1263,20 @@ class SlotGen {
         const value = { MmapAndRegisterMemory: { shm: { descriptor: 0, size: m.size }, dest: { GuestPhysicalAddress: gpa }, num_file_mappings: 0 } };
         return { value, fds: [m.fd], variant: "MmapAndRegisterMemory" };
       }
+      case "MmapUnmappableShm": {
+        // An shm mmap refuses: an Err (the kernel's errno), and the connection stays up.
+        const value = { MmapAndRegisterMemory: { shm: { descriptor: 0, size: PAGE * r.range(1, 16) }, dest: { GuestPhysicalAddress: this.win.mmapBase + 4 * MiB * r.int(MMAP_SLOTS) }, num_file_mappings: 0 } };
+        return { value, fds: [r.pick(this.pool.unmappable).fd], check: Check.Refused, variant: "MmapAndRegisterMemory" };
+      }
       case "ExternalMapping": {
-        const value = { RegisterMemory: { source: { ExternalMapping: { ptr: this.u64ish(), size: PAGE } }, dest: this.regionDest(PAGE).dest, prot: { read: true, write: true }, cache: "CacheCoherent" } };
+        const value = { RegisterMemory: { source: { ExternalMapping: { ptr: this.u64ish(), size: PAGE } }, dest: this.regionDest().dest, prot: { read: true, write: true }, cache: "CacheCoherent" } };
         return { value, fds: [], check: Check.Errno, errno: sys.Errno.EPERM, variant: "RegisterMemory" };
       }
       default: {
-        const uuid = () => r.bytes(16);
+        // uuid: MessagePack bin 16, or (always in JSON) an array of 16 u8 as serde writes [u8; 16].
+        const uuid = () => (r.chance(0.7) ? r.bytes(16) : Array.from(r.bytes(16)));
         const vk = { descriptor: 0, handle_type: r.u32(), memory_idx: r.int(16), device_uuid: uuid(), driver_uuid: uuid(), size: PAGE };
-        const value = { RegisterMemory: { source: { Vulkan: vk }, dest: this.regionDest(PAGE).dest, prot: { read: true, write: true }, cache: "CacheCoherent" } };
+        const value = { RegisterMemory: { source: { Vulkan: vk }, dest: this.regionDest().dest, prot: { read: true, write: true }, cache: "CacheCoherent" } };
         return { value, fds: [this.anyFd().fd], check: Check.Errno, errno: sys.Errno.ENOTSUP, variant: "RegisterMemory" };
       }
     }
@@ -700,7 +1307,7 @@ class SlotGen {
       const set = (v: unknown) => ((e.holder as Record<string | number, unknown>)[e.key] = v);
       const op = r.weighted<string>([
         [4, "drop"], [4, "add"], [4, "swap"], [6, "replace"], [3, "rename"], [1, "wrap"], [1, "unwrap"],
-        [5, "number"], [3, "fdindex"], [1, "grow"], [3, "variant"], [1, "inherited"],
+        [5, "number"], [3, "fdindex"], [1, "grow"], [3, "variant"], [1, "inherited"], [1, "unit"],
       ]);
       switch (op) {
         case "drop":
@@ -785,6 +1392,13 @@ class SlotGen {
           box.root = r.chance(0.8) ? { [r.pick(INHERITED)]: payload ?? null } : r.pick(INHERITED);
           break;
         }
+        case "unit": {
+          // A unit variant as {name: nil} (serde reads it as the name) or {name: something else} (refused).
+          const v = get();
+          if (typeof v === "string") set({ [v]: r.chance(0.6) ? null : this.junk(3) });
+          else set({ [r.pick(["GetState", "Pstore", "GpuRenderNode", "AnyLength", "CacheCoherent"])]: r.chance(0.6) ? null : this.junk(3) });
+          break;
+        }
       }
     }
     return box.root;
@@ -830,7 +1444,7 @@ class SlotGen {
         [2, () => concat(b, encode(r.chance(0.5) ? "GetState" : this.junk(3)))],
         [1, () => {
           const c = b.slice();
-          if (c.length > 0) c[0] = r.u32() & 0xff;
+          if (c.length > 0) c[0] = r.chance(0.3) ? r.pick([0x7b, 0x5b, 0x22, 0x20, 0x0a]) : r.u32() & 0xff;
           return c;
         }],
       ])();
@@ -838,54 +1452,156 @@ class SlotGen {
     return b;
   }
 
+  /**
+   * JSON text of a request, mangled the ways a JSON reader must refuse or must take: bad
+   * numbers (leading zeros, "-0", floats, exponents, "+1", hex, above u64), trailing or missing commas,
+   * comments, single quotes, control characters, bad UTF-8 and bad escapes inside strings,
+   * a lone surrogate, a duplicate key, a BOM (then it is MessagePack), whitespace, nesting.
+   */
+  private jsonMangle(text: string): Uint8Array {
+    const r = this.rng;
+    let t = text;
+    const at = (re: RegExp): number[] => {
+      const out: number[] = [];
+      for (const m of t.matchAll(re)) out.push(m.index!);
+      return out;
+    };
+    const splice = (i: number, del: number, ins: string) => (t = t.slice(0, i) + ins + t.slice(i + del));
+    for (let n = r.weighted([[6, 1], [3, 2], [1, 3]]); n > 0; n--) {
+      r.weighted<() => void>([
+        [5, () => {
+          const nums = [...t.matchAll(/-?\d+(\.\d+)?([eE][+-]?\d+)?/g)];
+          if (nums.length === 0) return;
+          const m = r.pick(nums);
+          const rep = r.pick(["01", "-0", "1.0", "4096.0", "1e3", "4.096e3", "+1", "0x10", "NaN", "Infinity", "1.5", "-1", "00",
+            "18446744073709551616", "18446744073709551615", "9007199254740993", "4096 ", " 0", "1_000", ".5", "5."]);
+          splice(m.index!, m[0].length, rep);
+        }],
+        [3, () => {
+          const ends = at(/[}\]]/g);
+          if (ends.length > 0) splice(r.pick(ends), 0, r.pick([",", " ,", ",\n"]));
+        }],
+        [2, () => {
+          const commas = at(/,/g);
+          if (commas.length > 0) splice(r.pick(commas), 1, r.pick(["", " ", ";", ",,"]));
+        }],
+        [2, () => {
+          const gaps = at(/[{[,:]/g);
+          if (gaps.length > 0) splice(r.pick(gaps) + 1, 0, r.pick(["/*c*/", "//c\n", "#", "\u00a0", "\f", "\v"]));
+        }],
+        [2, () => {
+          const qs = at(/"/g);
+          if (qs.length > 0) splice(r.pick(qs), 1, "'");
+        }],
+        [3, () => {
+          const qs = at(/"/g);
+          if (qs.length === 0) return;
+          const ins = r.pick(["\u0001", "\n", "\t", "\\x41", "\\u12", "\\ud800", "\\u0041", "\\/", "\\", "é", "\u2028", "\\U0041"]);
+          splice(r.pick(qs) + 1, 0, ins);
+        }],
+        [2, () => {
+          // A key again in the same object: a known field twice is refused, an unknown one skipped.
+          const opens = at(/\{"[a-z_]+":/g);
+          if (opens.length === 0) return;
+          const i = r.pick(opens);
+          const key = /^\{("[a-z_]+"):/.exec(t.slice(i))![1]!;
+          splice(i + 1, 0, `${r.chance(0.7) ? key : '"zz_unknown"'}:${r.pick(["0", "1", "null", "[]", '"x"'])},`);
+        }],
+        [2, () => {
+          const gaps = at(/[{[,:]/g);
+          if (gaps.length > 0) splice(r.pick(gaps) + 1, 0, r.pick([" ", "\n\n", "\r", "\t \t"]));
+        }],
+        [1, () => (t = r.pick(["[", "[[", '{"x":']) + t + r.pick(["]", "]]", "}"]))],
+        [1, () => (t = t + r.pick(["x", "\u0000", " ", "\n", "{}", '"', "null"]))],
+        [2, () => (t = t.slice(0, r.int(t.length + 1)))],
+        [1, () => {
+          const i = r.int(t.length + 1);
+          splice(i, r.int(3), r.pick(['"', "{", "}", "[", "]", ":", ",", "\\", "0", "-", "e", "true", "nul"]));
+        }],
+      ])();
+    }
+    let b: Uint8Array = utf8Encoder.encode(t);
+    // Bytes no JSON text can hold where they land: bad UTF-8 in a string, a BOM ahead of the text (MessagePack then).
+    if (r.chance(0.15)) {
+      const qs = [...b.keys()].filter((i) => b[i] === 0x22);
+      if (qs.length > 0) {
+        const i = r.pick(qs) + 1;
+        b = concat(b.subarray(0, i), Uint8Array.from(r.pick([[0xff], [0xc0, 0x80], [0xed, 0xa0, 0x80], [0xe2, 0x82], [0xf4, 0x90, 0x80, 0x80]])), b.subarray(i));
+      }
+    }
+    if (r.chance(0.05)) b = concat(Uint8Array.from([0xef, 0xbb, 0xbf]), b);
+    return b;
+  }
+
   // -- MmapAndRegisterMemory sequences
 
-  private mapping(shmPages: number, files: number[]): Record<string, unknown> {
+  /**
+   * One valid file mapping into an shm of `shmSize` bytes: page-aligned offsets, a length
+   * that need not be a page multiple, the file's range inside the file, the mapping
+   * (length rounded up) inside the shm (rounded up).
+   */
+  private mapping(shmSize: number, files: number[], sized = false): Record<string, unknown> {
     const r = this.rng;
-    const f = this.validMemfd();
-    const filePages = f.size / PAGE;
-    const pages = r.range(1, Math.min(4, filePages, shmPages));
+    const f = this.validMemfd(PAGE, sized);
+    const shmPages = pagesOf(shmSize);
+    const fileOffset = PAGE * r.int(pagesOf(f.size));
+    const room = f.size - fileOffset;
+    const span = r.range(1, Math.min(4, shmPages, pagesOf(room)));
+    const length = Math.min(room, r.chance(0.7) ? span * PAGE : (span - 1) * PAGE + r.range(1, PAGE));
     files.push(f.fd);
     return {
       file: files.length - 1,
-      length: pages * PAGE,
-      mem_offset: PAGE * r.int(shmPages - pages + 1),
-      file_offset: PAGE * r.int(filePages - pages + 1),
+      length,
+      mem_offset: PAGE * r.int(shmPages - pagesOf(length) + 1),
+      file_offset: fileOffset,
     };
   }
 
-  private badMapping(shmPages: number, files: number[]): Record<string, unknown> {
+  /** A file mapping the server cannot make (it fails the request at its chunk) or cannot even decode. */
+  private badMapping(shmSize: number, files: number[]): Record<string, unknown> {
     const r = this.rng;
-    const m = this.mapping(shmPages, files);
+    // A file whose size the server knows, so a range past its end is one.
+    const m = this.mapping(shmSize, files, true);
+    const shmSpan = pagesOf(shmSize) * PAGE;
     r.weighted<() => void>([
       [2, () => { m.mem_offset = (m.mem_offset as number) + r.range(1, PAGE - 1); }],
-      [2, () => { m.length = (shmPages + 1) * PAGE; }],
+      [2, () => { m.length = shmSpan + 1; }],
       [1, () => { m.length = 0; }],
       [2, () => { m.file_offset = 64 * MiB; }],
-      [3, () => { files[files.length - 1] = this.nonMemoryFd().fd; }],
-      [1, () => { m.mem_offset = r.pick(INTERESTING); }],
+      [1, () => { m.file_offset = (m.file_offset as number) + r.range(1, PAGE - 1); }],
+      [3, () => { files[files.length - 1] = r.pick(this.pool.unmappable).fd; }],
+      // Past the shm, unaligned, beyond 2^53, negative, a float (each a failure in both encodings).
+      [1, () => { m.mem_offset = r.pick<number | bigint>([shmSpan, shmSpan + PAGE, 1, 4095, 4097, U64_MAX, 2n ** 63n, 2 ** 53, -PAGE, 1.5]); }],
     ])();
     return m;
   }
 
-  private chunkPacket(mappings: Record<string, unknown>[], files: number[], label: string): Action {
-    return { packet: { body: encode(mappings), fds: files, label } };
+  /** A chunk's body: MessagePack, or JSON (a newer crosvm's unknown fields in its mappings, skipped, now and then). */
+  private chunkBody(mappings: unknown, json: boolean): Uint8Array {
+    if (!json) return encode(mappings);
+    const v = this.rng.chance(0.1) ? this.withUnknownFields(mappings) : mappings;
+    return utf8Encoder.encode((this.rng.chance(0.1) ? "\n" : "") + jsonText(v, this.rng.chance(0.2) ? this.jsonStyle() : {}));
   }
 
-  private badChunk(remaining: number, shmPages: number): Action {
+  private chunkPacket(mappings: Record<string, unknown>[], files: number[], label: string, json: boolean): Action {
+    return { packet: { body: this.chunkBody(mappings, json), fds: files, label } };
+  }
+
+  private badChunk(remaining: number, shmSize: number, json: boolean): Action {
     const r = this.rng;
     const label = "mmap-seq:bad-chunk";
     const files: number[] = [];
-    const ms = (n: number) => Array.from({ length: n }, () => this.mapping(shmPages, files));
+    const ms = (n: number) => Array.from({ length: n }, () => this.mapping(shmSize, files));
+    const body = (v: unknown) => this.chunkBody(v, json);
     return r.weighted<() => Action>([
-      [2, () => ({ packet: { body: encode(ms(1)[0]), fds: files, label } })],
-      [1, () => ({ packet: { body: encode([]), fds: [], label } })],
+      [2, () => ({ packet: { body: body(ms(1)[0]), fds: files, label } })],
+      [1, () => ({ packet: { body: body([]), fds: [], label } })],
       [1, () => {
         const list = ms(Math.min(SCM_MAX_FD, 254));
         list.push({ ...list[0]!, file: 253 });
-        return { packet: { body: encode(list), fds: files, label } };
+        return { packet: { body: body(list), fds: files, label } };
       }],
-      [2, () => (remaining + 1 <= SCM_MAX_FD ? this.chunkPacket(ms(remaining + 1), files, label) : { packet: { body: encode(ms(1)), fds: [], label } })],
+      [2, () => (remaining + 1 <= SCM_MAX_FD ? this.chunkPacket(ms(remaining + 1), files, label, json) : { packet: { body: body(ms(1)), fds: [], label } })],
       [2, () => {
         const list = ms(Math.min(remaining, r.range(1, 4)));
         const m = list[r.int(list.length)]!;
@@ -895,8 +1611,9 @@ class SlotGen {
           [1, () => (m.length = "4096")],
           [1, () => (m.mem_offset = -PAGE)],
           [1, () => (m.length = 2n ** 64n - 1n)],
+          [1, () => (m.length = new WFloat(4096))],
         ])();
-        return this.chunkPacket(list, files, label);
+        return this.chunkPacket(list, files, label, json);
       }],
       [3, () => {
         const list = ms(Math.min(remaining, r.range(1, 4)));
@@ -906,7 +1623,11 @@ class SlotGen {
           [1, () => files.pop()],
           [1, () => { if (list.length > 1) list[1]!.file = list[0]!.file; else files.push(files[0]!); }],
         ])();
-        return this.chunkPacket(list, files, label);
+        return this.chunkPacket(list, files, label, json);
+      }],
+      [1, () => {
+        const list = ms(Math.min(remaining, r.range(1, 4)));
+        return { packet: { body: this.jsonMangle(jsonText(list)), fds: files, label: "mmap-seq:mangled-json-chunk" } };
       }],
       [1, () => ({ packet: { body: r.bytes(MAX_PACKET + r.range(1, 20000)), fds: [], label: "mmap-seq:oversized-chunk" } })],
       [1, () => ({ packet: { body: new Uint8Array(0), fds: [], label: "mmap-seq:empty-chunk" } })],
@@ -914,15 +1635,33 @@ class SlotGen {
     ])();
   }
 
-  /** Queues an MmapAndRegisterMemory and its chunks: complete, broken, interrupted, abandoned or absurd. */
+  /**
+   * Queues an MmapAndRegisterMemory and its chunks: complete, broken, interrupted, abandoned
+   * or absurd. The request is JSON a quarter of the time; its chunks are in either
+   * encoding (each packet's own first byte says which), mostly the request's.
+   */
   private mmapSequence(): Action {
     const r = this.rng;
-    const shm = this.validMemfd(16 * PAGE);
-    const pages = shm.size / PAGE;
+    const fate = r.weighted<string>([
+      [60, "complete"],
+      [15, "bad-chunk"],
+      [5, "interrupted"],
+      [8, "abandoned"],
+      [12, "exec-fail"],
+      [4, "bad-shm"],
+    ]);
+    // bad-shm: a descriptor mmap refuses as the shm (its declared size as a good one's).
+    const shm = fate === "bad-shm" ? { ...this.validMemfd(16 * PAGE), fd: r.pick(this.pool.unmappable).fd } : this.validMemfd(16 * PAGE);
+    const shmSize = shm.size;
+    const pages = pagesOf(shmSize);
     const gpa = this.win.mmapBase + 4 * MiB * r.int(MMAP_SLOTS);
     const dest = r.chance(0.93) ? { GuestPhysicalAddress: gpa } : { ExistingAllocation: { allocation: BAR_A, offset: PAGE * r.int(16) } };
-    const start = (count: number | bigint, label: string, check?: Check) =>
-      ({ packet: { body: encode({ MmapAndRegisterMemory: { shm: { descriptor: 0, size: shm.size }, dest, num_file_mappings: count } }), fds: [shm.fd], label, check } }) as Action;
+    const json = r.chance(0.25);
+    const chunkJson = () => (r.chance(0.8) ? json : !json);
+    const start = (count: number | bigint, label: string, check?: Check) => {
+      const value = { MmapAndRegisterMemory: { shm: { descriptor: 0, size: shmSize }, dest, num_file_mappings: count } };
+      return { packet: { body: this.body(value, json, true), fds: [shm.fd], label: (json ? "json:" : "") + label, check } } as Action;
+    };
     if (r.chance(0.08)) {
       // Refused at once (docs/protocol.md), but the server still reads the chunks and answers
       // once after the last. A client that can send them does (more mappings than pages);
@@ -934,19 +1673,12 @@ class SlotGen {
       }
       for (let left = count as number; left > 0; left -= SCM_MAX_FD) {
         const files: number[] = [];
-        const list = Array.from({ length: Math.min(left, SCM_MAX_FD) }, () => this.mapping(pages, files));
-        this.seq.push(this.chunkPacket(list, files, "mmap-seq:refused-chunk"));
+        const list = Array.from({ length: Math.min(left, SCM_MAX_FD) }, () => this.mapping(shmSize, files));
+        this.seq.push(this.chunkPacket(list, files, "mmap-seq:refused-chunk", chunkJson()));
       }
       return start(count, "mmap-seq:too-many-mappings");
     }
     const count = r.chance(0.85) ? r.range(1, Math.min(pages, 24)) : r.range(1, Math.min(pages, 600));
-    const fate = r.weighted<string>([
-      [60, "complete"],
-      [15, "bad-chunk"],
-      [5, "interrupted"],
-      [8, "abandoned"],
-      [12, "exec-fail"],
-    ]);
     const sizes: number[] = [];
     for (let left = count; left > 0; ) {
       const n = Math.min(left, r.chance(0.5) ? SCM_MAX_FD : r.range(1, SCM_MAX_FD));
@@ -954,18 +1686,19 @@ class SlotGen {
       left -= n;
     }
     const at = r.int(sizes.length);
-    const actions: Action[] = [start(count, `mmap-seq:${fate}`)];
+    // An shm or a file mapping the server cannot map fails the request: its one answer must be an Err.
+    const actions: Action[] = [start(count, `mmap-seq:${fate}`, fate === "exec-fail" || fate === "bad-shm" ? Check.Refused : undefined)];
     let remaining = count;
     for (let i = 0; i < sizes.length; i++) {
       if (i === at && fate === "bad-chunk") {
         // A client does not know the server failed the request: it sends the rest too.
-        actions.push(this.badChunk(remaining, pages));
+        actions.push(this.badChunk(remaining, shmSize, chunkJson()));
         remaining -= sizes[i]!;
         continue;
       }
       if (i === at && fate === "interrupted") {
         const v = this.valid();
-        actions.push({ packet: { body: encode(v.value), fds: v.fds, label: "mmap-seq:interrupting-request" } });
+        actions.push({ packet: { body: this.body(v.value, r.chance(0.3), true), fds: v.fds, label: "mmap-seq:interrupting-request" } });
         break;
       }
       if (i === at && fate === "abandoned") {
@@ -974,9 +1707,9 @@ class SlotGen {
       }
       const files: number[] = [];
       const list = Array.from({ length: sizes[i]! }, (_, j) =>
-        fate === "exec-fail" && i === at && j === 0 ? this.badMapping(pages, files) : this.mapping(pages, files),
+        fate === "exec-fail" && i === at && j === 0 ? this.badMapping(shmSize, files) : this.mapping(shmSize, files),
       );
-      actions.push(this.chunkPacket(list, files, `mmap-seq:chunk`));
+      actions.push(this.chunkPacket(list, files, `mmap-seq:chunk`, chunkJson()));
       remaining -= sizes[i]!;
     }
     if (fate === "complete" && "GuestPhysicalAddress" in dest) this.remember(gpa);
@@ -1011,17 +1744,24 @@ class SlotGen {
       [0.08, "abrupt"],
       [0.08, "graceful"],
     ]);
+    // A quarter of the requests are JSON, as a crosvm process sends them.
+    const json = r.chance(0.25);
+    const j = json ? "json:" : "";
     switch (kind) {
       case "valid": {
         const v = this.valid();
-        return { packet: { body: encode(v.value), fds: v.fds, label: `valid:${v.variant}`, check: v.check, errno: v.errno } };
+        return { packet: { body: this.body(v.value, json, true), fds: v.fds, label: `${j}valid:${v.variant}`, check: v.check, errno: v.errno } };
       }
       case "mutated": {
         const v = this.valid();
-        return { packet: { body: this.fit(encode(this.mutate(v.value))), fds: this.attach(v.fds), label: `mutated:${v.variant}` } };
+        return { packet: { body: this.fit(this.body(this.mutate(v.value), json)), fds: this.attach(v.fds), label: `${j}mutated:${v.variant}` } };
       }
       case "bytes": {
         const v = this.valid();
+        if (json) {
+          const mangled = this.jsonMangle(jsonText(v.value, r.chance(0.3) ? this.jsonStyle() : {}));
+          return { packet: { body: this.fit(r.chance(0.2) ? this.byteMutate(mangled) : mangled), fds: this.attach(v.fds), label: `json:mangled:${v.variant}` } };
+        }
         return { packet: { body: this.fit(this.byteMutate(encode(v.value))), fds: this.attach(v.fds), label: `bytes:${v.variant}` } };
       }
       case "random-bytes": {
@@ -1034,16 +1774,20 @@ class SlotGen {
         ])();
         const body = r.bytes(n);
         if (r.chance(0.3)) body[0] = r.pick([0x81, 0x91, 0xdf, 0xdd, 0xc7, 0xd9]);
+        // Random bytes behind a JSON first byte: the server reads them as JSON and answers in JSON.
+        else if (r.chance(0.2)) body[0] = r.pick([0x7b, 0x5b, 0x22, 0x20, 0x09, 0x0a, 0x0d]);
         return { packet: { body, fds: r.chance(0.2) ? this.attach([]) : [], label: "random-bytes" } };
       }
-      case "junk":
-        return { packet: { body: encode(this.junk()), fds: r.chance(0.2) ? [this.anyFd().fd] : [], label: "junk" } };
+      case "junk": {
+        const v = this.junk();
+        return { packet: { body: this.fit(json ? jsonBytes(v) : encode(v)), fds: r.chance(0.2) ? [this.anyFd().fd] : [], label: `${j}junk` } };
+      }
       case "mmap-seq":
         return this.mmapSequence();
       case "inherited": {
         const v = r.pick(INHERITED);
-        const body = encode(r.chance(0.8) ? { [v]: this.junk(2) } : v);
-        return { packet: { body, fds: [], label: "inherited-name", check: Check.Einval } };
+        const value = r.chance(0.8) ? { [v]: this.junk(2) } : v;
+        return { packet: { body: json ? jsonBytes(value) : encode(value), fds: [], label: `${j}inherited-name`, check: Check.Einval } };
       }
       case "abrupt":
         return { disconnect: "abrupt" };
@@ -1054,13 +1798,21 @@ class SlotGen {
     }
   }
 
-  /** Boundaries: 65535/65536/65537-byte packets, empty, descriptors only, deep nesting, 253 descriptors. */
+  /**
+   * Boundaries: 65535/65536/65537-byte packets in both encodings, empty, descriptors only,
+   * deep nesting (MessagePack; JSON as a whole, or inside a field JSON skips: within the
+   * server's depth the request stands, past it EINVAL), 253 descriptors.
+   */
   private weird(): Packet {
     const r = this.rng;
     return r.weighted<() => Packet>([
       [3, () => {
         const size = r.pick([MAX_PACKET - 1, MAX_PACKET, MAX_PACKET + 1]);
         return { body: reclaimOfExactly(size), fds: [], label: `boundary-${size}`, check: size > MAX_PACKET ? Check.Einval : Check.Ok };
+      }],
+      [2, () => {
+        const size = r.pick([MAX_PACKET - 1, MAX_PACKET, MAX_PACKET + 1]);
+        return { body: jsonReclaimOfExactly(size), fds: [], label: `json:boundary-${size}`, check: size > MAX_PACKET ? Check.Einval : Check.Ok };
       }],
       [2, () => ({ body: r.bytes(r.range(MAX_PACKET + 1, 120_000)), fds: [], label: "oversized", check: Check.Einval })],
       [2, () => ({ body: new Uint8Array(0), fds: [], label: "empty", check: Check.Einval })],
@@ -1071,7 +1823,21 @@ class SlotGen {
         body[depth] = 0xc0;
         return { body, fds: [], label: "deep-nesting", check: Check.Einval };
       }],
+      [1, () => {
+        const depth = r.range(140, MAX_PACKET / 2 - 1);
+        const open = r.chance(0.5) ? "[" : '{"a":';
+        const body = utf8Encoder.encode(open.repeat(depth) + "0" + (open === "[" ? "]" : "}").repeat(depth));
+        return { body: this.fit(body), fds: [], label: "json:deep-nesting", check: Check.Einval };
+      }],
+      [2, () => {
+        // An unknown field nested `depth` deep in a BalloonTargetReached (2 levels): up to 120 in all is read, 140 and more refused.
+        const depth = r.chance(0.5) ? r.range(1, 118) : r.range(138, 3000);
+        const inner = r.chance(0.5) ? "[".repeat(depth) + "]".repeat(depth) : '{"x":'.repeat(depth - 1) + "{}" + "}".repeat(depth - 1);
+        const body = utf8Encoder.encode(`{"BalloonTargetReached":{"size":${r.int(1 << 20)},"zz_nested":${inner}}}`);
+        return { body, fds: [], label: "json:nested-unknown-field", check: depth + 2 <= JSON_MAX_DEPTH ? Check.Ok : Check.Einval };
+      }],
       [1, () => ({ body: encode("GetState"), fds: Array.from({ length: SCM_MAX_FD }, () => this.anyFd().fd), label: "253-unreferenced-fds", check: Check.Einval })],
+      [1, () => ({ body: utf8Encoder.encode('"GetState"'), fds: [this.anyFd().fd], label: "json:unreferenced-fd", check: Check.Einval })],
     ])();
   }
 }
@@ -1120,55 +1886,197 @@ export function reclaimOfExactly(size: number): Uint8Array {
   return out;
 }
 
+/** The same request as JSON of exactly `size` bytes: compact ranges, then trailing whitespace (allowed after the value). */
+export function jsonReclaimOfExactly(size: number): Uint8Array {
+  const head = '{"DynamicallyReclaimMemoryRanges":{"ranges":[';
+  const tail = "]}}";
+  const parts: string[] = [];
+  let len = head.length + tail.length;
+  for (let i = 0; ; i++) {
+    const range = `${parts.length > 0 ? "," : ""}[${(i * PAGE) % (RAM_SIZE - PAGE)},4096]`;
+    if (len + range.length > size) break;
+    parts.push(range);
+    len += range.length;
+  }
+  const text = head + parts.join("") + tail;
+  return utf8Encoder.encode(text + " ".repeat(size - text.length));
+}
+
 // ---- the server model: which packets get a response, and what it may be ----------
 
-const oracleDecoder = new Decoder({ useBigInt64: true, maxStrLength: MAX_PACKET, maxBinLength: MAX_PACKET });
-const responseDecoder = new Decoder({ useBigInt64: true, maxStrLength: MAX_PACKET, maxBinLength: MAX_PACKET });
+/**
+ * The model's own transcription of PROTOCOL.md's shapes, as checks on a decoded value.
+ * A descriptor field is an index into the packet's descriptors, each referenced once (with
+ * `lost`, the packet's descriptors were cut short: any index in range of the format reads).
+ */
+interface ShapeCtx {
+  json: boolean;
+  nfds: number;
+  used: Uint8Array;
+  lost: boolean;
+}
+type Shape = ((v: unknown, c: ShapeCtx) => boolean) & { nullable?: true };
 
-function decodeOrUndefined(body: Uint8Array): { value: unknown } | undefined {
-  try {
-    return { value: oracleDecoder.decode(body) };
-  } catch {
-    return undefined;
-  }
+const uintS = (max: bigint): Shape => (v) => isUint(v, max);
+const u8S = uintS(0xffn);
+const u16S = uintS(0xffffn);
+const u32S = uintS(0xffff_ffffn);
+const u64S = uintS(U64_MAX);
+const boolS: Shape = (v) => typeof v === "boolean";
+const fdS: Shape = (v, c) => {
+  if (!isUint(v, 255n)) return false;
+  if (c.lost) return true;
+  const i = Number(v);
+  if (i >= c.nfds || c.used[i] !== 0) return false;
+  c.used[i] = 1;
+  return true;
+};
+function nullableS(of: Shape): Shape {
+  const s: Shape = (v, c) => v === null || of(v, c);
+  s.nullable = true;
+  return s;
+}
+/** A struct: its fields, in any order, once each; unknown ones refused in MessagePack, skipped in JSON; a nullable one may be left out. */
+function structS(fields: Record<string, Shape>): Shape {
+  const names = Object.keys(fields);
+  return (v, c) => {
+    if (!isPlainMap(v)) return false;
+    const dups = duplicatesOf(v);
+    if (dups !== undefined && names.some((n) => dups.has(n))) return false;
+    if (!c.json && Object.keys(v).some((k) => !Object.hasOwn(fields, k))) return false;
+    for (const n of names) {
+      if (!Object.hasOwn(v, n)) {
+        if (fields[n]!.nullable) continue;
+        return false;
+      }
+      if (!fields[n]!(v[n], c)) return false;
+    }
+    return true;
+  };
+}
+/** A serde externally tagged enum: a unit variant is its name (or {name: nil}), any other {name: payload}, one key. */
+function enumS(variants: Record<string, Shape | null>): Shape {
+  return (v, c) => {
+    if (typeof v === "string") return Object.hasOwn(variants, v) && variants[v] === null;
+    if (!isPlainMap(v) || duplicatesOf(v) !== undefined) return false;
+    const keys = Object.keys(v);
+    if (keys.length !== 1 || !Object.hasOwn(variants, keys[0]!)) return false;
+    const payload = variants[keys[0]!]!;
+    return payload === null ? v[keys[0]!] === null : payload(v[keys[0]!], c);
+  };
+}
+const tupleS = (...items: Shape[]): Shape => (v, c) => Array.isArray(v) && v.length === items.length && items.every((s, i) => s(v[i], c));
+const arrayS = (of: Shape, min = 0, max = Infinity): Shape => (v, c) => Array.isArray(v) && v.length >= min && v.length <= max && v.every((x) => of(x, c));
+/** 16 bytes: MessagePack bin 16, or an array of 16 u8. */
+const uuidS: Shape = (v, c) => (v instanceof Uint8Array ? v.length === 16 : arrayS(u8S, 16, 16)(v, c));
+
+const pciFunctionS = { bus: u8S, dev: u8S, func: u8S };
+const AllocS = enumS({
+  Anon: u64S,
+  PciBar: structS({ ...pciFunctionS, bar: u8S }),
+  PmemDevice: u64S,
+  FileBacked: u64S,
+  GpuRenderNode: null,
+  Pstore: null,
+  PciBridgeWindow: structS(pciFunctionS),
+  PciBridgePrefetchWindow: structS(pciFunctionS),
+});
+const CacheS = enumS({ CacheCoherent: null, CacheNonCoherent: null });
+const SharedMemoryS = structS({ descriptor: fdS, size: u64S });
+const SourceS = enumS({
+  SharedMemory: SharedMemoryS,
+  Descriptor: structS({ descriptor: fdS, offset: u64S, size: u64S }),
+  Vulkan: structS({ descriptor: fdS, handle_type: u32S, memory_idx: u32S, device_uuid: uuidS, driver_uuid: uuidS, size: u64S }),
+  ExternalMapping: structS({ ptr: u64S, size: u64S }),
+});
+const DestinationS = enumS({ ExistingAllocation: structS({ allocation: AllocS, offset: u64S }), GuestPhysicalAddress: u64S });
+const DatamatchS = enumS({ AnyLength: null, U8: nullableS(u8S), U16: nullableS(u16S), U32: nullableS(u32S), U64: nullableS(u64S) });
+const RangesS = structS({ ranges: arrayS(tupleS(u64S, u64S)) });
+const PageS = structS({ from: u64S, max: nullableS(u32S) });
+const RequestS = enumS({
+  PrepareSharedMemoryRegion: structS({ alloc: AllocS, cache: CacheS }),
+  RegisterMemory: structS({ source: SourceS, dest: DestinationS, prot: structS({ read: boolS, write: boolS }), cache: CacheS }),
+  MmapAndRegisterMemory: structS({ shm: SharedMemoryS, dest: DestinationS, num_file_mappings: u64S }),
+  DynamicallyFreeMemoryRanges: RangesS,
+  DynamicallyReclaimMemoryRanges: RangesS,
+  BalloonTargetReached: structS({ size: u64S }),
+  UnregisterMemory: u64S,
+  IoEventRaw: structS({ event: fdS, addr: u64S, datamatch: DatamatchS, register: boolS }),
+  GetState: null,
+  GetRegions: PageS,
+  GetAllocations: PageS,
+  AllocateMmio: structS({ alloc: AllocS, size: u64S, align: nullableS(u64S) }),
+  ReleaseMmio: AllocS,
+});
+/** An MmapAndRegisterMemory follow-up packet: 1 to 253 file mappings. */
+const ChunkS = arrayS(structS({ file: fdS, length: u64S, mem_offset: u64S, file_offset: u64S }), 1, SCM_MAX_FD);
+
+/** Whether `v` is of `shape` and references each of the packet's `nfds` descriptors exactly once. */
+function wellFormed(shape: Shape, v: unknown, nfds: number, enc: Enc, lost = false): boolean {
+  const c: ShapeCtx = { json: enc === "json", nfds, used: new Uint8Array(Math.max(1, nfds)), lost };
+  if (!shape(v, c)) return false;
+  if (!lost) for (let i = 0; i < nfds; i++) if (c.used[i] !== 1) return false;
+  return true;
 }
 
-/** A valid MmapAndRegisterMemory request packet (schema and descriptors): its count and shm size; else null. */
-function mmapStart(value: Record<string, unknown>, nfds: number): { count: bigint; size: bigint } | null {
-  const p = value.MmapAndRegisterMemory;
-  if (!hasKeys(p, ["shm", "dest", "num_file_mappings"])) return null;
-  const shm = p.shm;
-  if (!hasKeys(shm, ["descriptor", "size"]) || !isFdIndex(shm.descriptor) || !isU64(shm.size)) return null;
-  if (!isDestination(p.dest) || !isU64(p.num_file_mappings)) return null;
-  if (!indicesExact([shm.descriptor], nfds)) return null;
-  return { count: BigInt(p.num_file_mappings as number | bigint), size: BigInt(shm.size as number | bigint) };
+/** The variant of a well-formed request. */
+function variantOf(v: unknown): string {
+  return typeof v === "string" ? v : Object.keys(v as Record<string, unknown>)[0]!;
+}
+/** A request's payload, {"GetState": nil} and a missing nullable field included (nil). */
+function payloadOf(req: unknown): Record<string, unknown> {
+  const p = typeof req === "string" ? null : (req as Record<string, unknown>)[variantOf(req)];
+  return (isPlainMap(p) ? p : { value: p }) as Record<string, unknown>;
 }
 
-/** A valid follow-up chunk: how many mappings it carries; else null. */
-function chunkLength(value: unknown, nfds: number): number | null {
-  if (!Array.isArray(value) || value.length < 1 || value.length > SCM_MAX_FD) return null;
-  for (const m of value) {
-    if (!hasKeys(m, ["file", "length", "mem_offset", "file_offset"])) return null;
-    if (!isFdIndex(m.file) || !isU64(m.length) || !isU64(m.mem_offset) || !isU64(m.file_offset)) return null;
-  }
-  return indicesExact(value.map((m) => (m as Record<string, unknown>).file), nfds) ? value.length : null;
+type RespKind = "Ok" | "RegisterMemory" | "Err" | "State" | "Allocated" | "Regions" | "Allocations";
+
+/** An Alloc in a response: strict shape, and in JSON its struct fields in PROTOCOL.md's order. */
+function isAllocOut(v: unknown, enc: Enc): boolean {
+  if (!wellFormed(AllocS, v, 0, "msgpack")) return false;
+  if (enc !== "json" || typeof v === "string") return true;
+  const [k, p] = Object.entries(v as Record<string, unknown>)[0]!;
+  if (k === "PciBar") return hasKeysInOrder(p, ["bus", "dev", "func", "bar"]);
+  if (k === "PciBridgeWindow" || k === "PciBridgePrefetchWindow") return hasKeysInOrder(p, ["bus", "dev", "func"]);
+  return true;
 }
+const REGION_KEYS = ["region_id", "slot", "size", "read_only", "kind"];
+const ALLOCATION_KEYS = ["alloc", "start", "size"];
+const STATE_KEYS = ["ram", "regions", "regions_next", "allocations", "allocations_next", "slots_used", "slots_max", "freed_bytes", "balloon_target", "vcpu"];
 
-type RespKind = "Ok" | "RegisterMemory" | "Err" | "State" | "Allocated";
-const isU32 = (v: unknown) => isUint(v, 0xffff_ffffn);
-
-/** The response's kind, or why it is not a well-formed response (PROTOCOL.md, "Responses" and "vmemd extensions"). */
-function responseKind(v: unknown): RespKind | { bad: string } {
+/**
+ * The response's kind, or why it is not a well-formed response (PROTOCOL.md, "Responses" and
+ * "vmemd extensions"). A JSON answer has its fields in the order shown; its Err is the bare
+ * chain, normalized here to MessagePack's {errno, chain} (the errno from the root cause's
+ * trailing " (os error N)", which is cut off).
+ */
+function responseKind(v: unknown, enc: Enc): RespKind | { bad: string } {
   if (v === "Ok") return "Ok";
   if (!isPlainMap(v) || Object.keys(v).length !== 1) return { bad: "not \"Ok\" or a map with one key" };
   const [k] = Object.keys(v) as [string];
   const p = v[k];
+  const fields = (x: unknown, keys: readonly string[]): x is Record<string, unknown> => (enc === "json" ? hasKeysInOrder(x, keys) : hasKeys(x, keys));
+  const u64OrNil = (x: unknown) => x === null || isU64(x);
+  const regionOk = (r: unknown) =>
+    fields(r, REGION_KEYS) && isU64(r.region_id) && isU32(r.slot) && isU64(r.size) && typeof r.read_only === "boolean" &&
+    ["dynamic", "fixed", "prepared"].includes(r.kind as string);
+  const allocationOk = (a: unknown) => fields(a, ALLOCATION_KEYS) && isAllocOut(a.alloc, enc) && isU64(a.start) && isU64(a.size);
   switch (k) {
     case "RegisterMemory":
-      return hasKeys(p, ["region_id", "slot"]) && isU64(p.region_id) && isU32(p.slot) ? k : { bad: "RegisterMemory payload" };
+      return fields(p, ["region_id", "slot"]) && isU64(p.region_id) && isU32(p.slot) ? k : { bad: "RegisterMemory payload" };
     case "Allocated":
-      return hasKeys(p, ["start", "size"]) && isU64(p.start) && isU64(p.size) ? k : { bad: "Allocated payload" };
+      return fields(p, ["start", "size"]) && isU64(p.start) && isU64(p.size) ? k : { bad: "Allocated payload" };
     case "Err": {
+      if (enc === "json") {
+        if (!Array.isArray(p) || p.length === 0 || !p.every((s) => typeof s === "string")) return { bad: "JSON Err not a non-empty array of strings" };
+        const m = / \(os error (-?\d+)\)$/.exec(p[0] as string);
+        const chain = p.slice() as string[];
+        if (m !== null) chain[0] = chain[0]!.slice(0, m.index);
+        const errno = m === null ? null : Number(m[1]);
+        if (errno !== null && !(errno >= -(2 ** 31) && errno < 2 ** 31)) return { bad: "errno not i32" };
+        v.Err = { errno, chain };
+        return k;
+      }
       if (!hasKeys(p, ["errno", "chain"])) return { bad: "Err keys" };
       const errno = p.errno;
       if (errno !== null && !(typeof errno === "number" && Number.isInteger(errno) && errno >= -(2 ** 31) && errno < 2 ** 31)) return { bad: "errno not i32|nil" };
@@ -1177,19 +2085,21 @@ function responseKind(v: unknown): RespKind | { bad: string } {
       return k;
     }
     case "State": {
-      const keys = ["ram", "regions", "allocations", "slots_used", "slots_max", "freed_bytes", "balloon_target", "vcpu"];
-      if (!hasKeys(p, keys)) return { bad: "State keys" };
+      if (!fields(p, STATE_KEYS)) return { bad: `State keys${enc === "json" ? " (or their order)" : ""}` };
       if (!Array.isArray(p.ram) || !p.ram.every((r) => Array.isArray(r) && r.length === 2 && isU64(r[0]) && isU64(r[1]))) return { bad: "State.ram" };
-      const regionOk = (r: unknown) =>
-        hasKeys(r, ["region_id", "slot", "size", "read_only", "kind"]) && isU64(r.region_id) && isU32(r.slot) && isU64(r.size) &&
-        typeof r.read_only === "boolean" && ["dynamic", "fixed", "prepared"].includes(r.kind as string);
       if (!Array.isArray(p.regions) || !p.regions.every(regionOk)) return { bad: "State.regions" };
-      if (!Array.isArray(p.allocations) || !p.allocations.every((a) => hasKeys(a, ["alloc", "start", "size"]) && isAlloc(a.alloc) && isU64(a.start) && isU64(a.size))) return { bad: "State.allocations" };
+      if (!Array.isArray(p.allocations) || !p.allocations.every(allocationOk)) return { bad: "State.allocations" };
+      if (!u64OrNil(p.regions_next) || !u64OrNil(p.allocations_next)) return { bad: "State.regions_next / allocations_next" };
       if (!isU32(p.slots_used) || !isU32(p.slots_max) || !isU64(p.freed_bytes)) return { bad: "State counters" };
       if (p.balloon_target !== null && !isU64(p.balloon_target)) return { bad: "State.balloon_target" };
-      if (p.vcpu !== null && !isPlainMap(p.vcpu)) return { bad: "State.vcpu" };
+      const vcpu = p.vcpu;
+      if (vcpu !== null && !(fields(vcpu, ["state", "exits", "mmio_reads", "mmio_writes"]) && ["running", "halted", "stopped"].includes(vcpu.state as string))) return { bad: "State.vcpu" };
       return k;
     }
+    case "Regions":
+      return fields(p, ["regions", "next"]) && Array.isArray(p.regions) && p.regions.every(regionOk) && u64OrNil(p.next) ? k : { bad: "Regions payload" };
+    case "Allocations":
+      return fields(p, ["allocations", "next"]) && Array.isArray(p.allocations) && p.allocations.every(allocationOk) && u64OrNil(p.next) ? k : { bad: "Allocations payload" };
   }
   return { bad: `unknown response variant ${JSON.stringify(k)}` };
 }
@@ -1201,32 +2111,81 @@ function allowedKinds(variant: string | null): readonly RespKind[] {
       return ["Err"];
     case "GetState":
       return ["State", "Err"];
+    case "GetRegions":
+      return ["Regions", "Err"];
+    case "GetAllocations":
+      return ["Allocations", "Err"];
     case "RegisterMemory":
     case "MmapAndRegisterMemory":
       return ["RegisterMemory", "Err"];
     case "AllocateMmio":
       return ["Allocated", "Err"];
     default:
-      return MAP_VARIANTS.has(variant) ? ["Ok", "Err"] : ["Err"];
+      return ["Ok", "Err"];
   }
 }
 
+/**
+ * What is wrong with a listing page, by PROTOCOL.md's paging rules, or null: entries from
+ * `from` on in ascending key order (regions: a prepared arena and a fixed mapping at its
+ * first byte share a region_id), at most `max` (nil: no cap; 0 still lists one), `next`
+ * past every entry listed, and at least one entry when `next` says more remain. Two
+ * entries of one region_id may go over `max` together: a page never splits them.
+ */
+function pageProblem(kind: "Regions" | "Allocations", payload: Record<string, unknown>, req: unknown): string | null {
+  const p = payloadOf(req);
+  const from = big(p.from);
+  const max = p.max === undefined || p.max === null ? null : Math.max(1, Number(p.max));
+  const entries = (kind === "Regions" ? payload.regions : payload.allocations) as Record<string, unknown>[];
+  const keys = entries.map((e) => big(kind === "Regions" ? e.region_id : e.start));
+  for (let i = 0; i < keys.length; i++) {
+    if (keys[i]! < from) return `entry ${i} (${hex(keys[i]!)}) is below from ${hex(from)}`;
+    if (i > 0 && (keys[i]! < keys[i - 1]! || (kind === "Allocations" && keys[i] === keys[i - 1]))) return `entries out of order at ${i}`;
+  }
+  if (max !== null && keys.length > max) {
+    const pairAtEnd = kind === "Regions" && keys.length === max + 1 && keys[max] === keys[max - 1];
+    if (!pairAtEnd) return `${keys.length} entries, more than max ${max}`;
+  }
+  const next = payload.next;
+  if (next !== null) {
+    if (keys.length === 0) return "next set on an empty page";
+    if (big(next) <= keys[keys.length - 1]!) return `next ${hex(big(next))} is not past the last entry listed`;
+  }
+  return null;
+}
+
+interface RegionOut {
+  region_id: number | bigint;
+  slot: number;
+  size: number | bigint;
+  read_only: boolean;
+  kind: string;
+}
+interface AllocationOut {
+  alloc: Alloc;
+  start: number | bigint;
+  size: number | bigint;
+}
+/** A State with its listings complete (paged through GetRegions and GetAllocations). */
 interface State {
   ram: [number | bigint, number | bigint][];
-  regions: { region_id: number | bigint; slot: number; size: number | bigint; read_only: boolean; kind: string }[];
-  allocations: { alloc: Alloc; start: number | bigint; size: number | bigint }[];
+  regions: RegionOut[];
+  allocations: AllocationOut[];
   slots_used: number;
   slots_max: number;
+  freed_bytes: number | bigint;
 }
 
 interface Expect {
   check: Check;
   errno?: number;
   marker?: number;
-  /** The request variant when the server reads the packet as a request that is answered; null otherwise. */
+  /** The request variant when the model finds the packet a well-formed request that is answered; null otherwise. */
   variant: string | null;
   /** The decoded request (for bookkeeping), when variant is not null. */
   req: unknown;
+  /** The encoding the answer must be in. */
+  enc: Enc;
   fds: number[];
   label: string;
   body: Uint8Array;
@@ -1255,7 +2214,8 @@ export class FuzzServer {
 
   static async start(binary: string, args: string[]): Promise<FuzzServer> {
     const s = new FuzzServer(binary, args);
-    s.proc = Bun.spawn([binary, "serve", "--socket", s.socket, ...args], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
+    // --die-with-parent: a fuzzer that dies (or throws past stop()) leaves no server behind.
+    s.proc = Bun.spawn([binary, "serve", "--socket", s.socket, "--die-with-parent", ...args], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
     s.collect(s.proc.stdout);
     s.collect(s.proc.stderr);
     const deadline = Date.now() + 15_000;
@@ -1363,6 +2323,11 @@ class Conn {
   pending = 0;
   private pendingReq: unknown = null;
   private pendingFailed = false;
+  /** The pending request was refused at once (its count): the answer is EINVAL. */
+  private pendingRefused = false;
+  /** The pending request's encoding (its answer's) and what its generator expects of the answer. */
+  private pendingEnc: Enc = "msgpack";
+  private pendingCheck: Check | undefined = undefined;
   readonly explicit: Packet[] = [];
   private next: Packet | null = null;
   /** Fuzz packets sent by this slot, and how many it may send before the next checkpoint. */
@@ -1399,9 +2364,7 @@ class Conn {
     if (this.fd === -1) return;
     this.engine.loseExpectations(this.fifo);
     const lost = this.fifo.splice(0);
-    this.pending = 0;
-    this.pendingReq = null;
-    this.pendingFailed = false;
+    this.resetPending();
     // A packet not sent yet goes out on the next connection, unless it was a sync or control one.
     if (this.next !== null && (this.next.marker !== undefined || this.next.onResponse !== undefined)) this.next = null;
     for (const ex of lost) ex.onResponse?.(undefined);
@@ -1490,7 +2453,11 @@ class Conn {
         this.reconnect();
         return true;
       }
-      this.onResponse(this.io.body.subarray(0, n));
+      if (this.io.flags & sys.MSG_TRUNC || n > MAX_PACKET) {
+        // PROTOCOL.md: every response fits in one packet.
+        this.engine.violate("response", `a response larger than a packet (${n} bytes received, MSG_TRUNC): ${hexHead(this.io.body.subarray(0, n))}`, this, this.fifo[0]);
+      }
+      this.onResponse(this.io.body.subarray(0, Math.min(n, MAX_PACKET)));
       progress = true;
       if (this.needsReset) {
         // Out of step with the server: anything more on this socket would only repeat it.
@@ -1559,28 +2526,47 @@ class Conn {
     if (p.marker !== undefined && wasPending) this.explicit.unshift(this.engine.marker());
   }
 
-  /** What the server does with the packet: an expected response, or null when it absorbs it as a chunk. */
+  private resetPending(): void {
+    this.pending = 0;
+    this.pendingReq = null;
+    this.pendingFailed = false;
+    this.pendingRefused = false;
+    this.pendingCheck = undefined;
+  }
+
+  /**
+   * What the server does with the packet: an expected response, or null when it absorbs it
+   * as a chunk. The answer is in the packet's encoding (its first byte), an
+   * MmapAndRegisterMemory's in the request's, whatever its chunks'.
+   */
   private classify(p: Packet, no: number): Expect | null {
-    const ex: Expect = { check: Check.Any, variant: null, req: null, fds: p.fds, label: p.label, body: p.body, pktNo: no, onResponse: p.onResponse };
-    const decoded = p.body.length > MAX_PACKET ? undefined : decodeOrUndefined(p.body);
+    const enc = encodingOf(p.body);
+    const ex: Expect = { check: Check.Any, variant: null, req: null, enc, fds: p.fds, label: p.label, body: p.body, pktNo: no, onResponse: p.onResponse };
+    const decoded = p.body.length > MAX_PACKET || p.body.length === 0 ? undefined : decodeBody(p.body);
+    const lost = p.ctrunc === true;
+    if (enc === "json") this.engine.stats.jsonPackets++;
     if (this.pending > 0) {
       // A follow-up chunk (docs/protocol.md): a well-formed one counts its mappings; anything
-      // else (oversized, empty and undecodable packets included) fails the request and counts
+      // else (oversized, empty, undecodable, descriptors cut short) fails the request and counts
       // as min(remaining, 253). One answer after the last: Err if anything failed.
-      const n = decoded === undefined ? null : chunkLength(decoded.value, p.fds.length);
+      const ok = decoded !== undefined && !lost && wellFormed(ChunkS, decoded.value, p.fds.length, enc);
+      const n = ok ? (decoded!.value as unknown[]).length : null;
       if (n !== null && n <= this.pending) this.pending -= n;
       else {
         this.pending -= Math.min(this.pending, SCM_MAX_FD);
         this.pendingFailed = true;
       }
       if (this.pending > 0) return null;
-      if (this.pendingFailed) ex.check = Check.Chunk;
-      else {
+      ex.enc = this.pendingEnc;
+      if (this.pendingFailed) {
+        ex.check = Check.Chunk;
+        if (this.pendingRefused) ex.errno = EINVAL;
+      } else {
         ex.variant = "MmapAndRegisterMemory";
         ex.req = this.pendingReq;
+        if (this.pendingCheck !== undefined) ex.check = this.pendingCheck;
       }
-      this.pendingReq = null;
-      this.pendingFailed = false;
+      this.resetPending();
       return ex;
     }
     if (decoded === undefined) {
@@ -1588,30 +2574,40 @@ class Conn {
       return ex;
     }
     const v = decoded.value;
-    if (typeof v === "string") {
-      if (v !== "GetState") ex.check = Check.Einval;
-      else ex.variant = v;
-    } else if (isPlainMap(v) && Object.keys(v).length === 1) {
-      const variant = Object.keys(v)[0]!;
-      if (!MAP_VARIANTS.has(variant)) {
-        ex.check = Check.Einval;
-        return ex;
-      }
-      ex.variant = variant;
-      ex.req = v;
-      if (variant === "MmapAndRegisterMemory") {
-        const start = mmapStart(v, p.fds.length);
-        if (start !== null && start.count > 0n) {
-          // Refused at once when absurd, yet still answered after its chunks (docs/protocol.md).
-          this.pendingFailed = start.count > MAX_FILE_MAPPINGS || start.count > start.size / BigInt(PAGE);
-          this.pending = Number(start.count);
-          this.pendingReq = v;
-          return null;
-        }
-      }
-    } else {
+    if (!wellFormed(RequestS, v, p.fds.length, enc, lost)) {
       ex.check = Check.Einval;
       return ex;
+    }
+    const variant = variantOf(v);
+    if (lost && variant !== "MmapAndRegisterMemory") {
+      // Its descriptors are gone: refused as a malformed packet.
+      ex.check = Check.Einval;
+      return ex;
+    }
+    ex.variant = variant;
+    ex.req = v;
+    this.engine.stats.wellFormed++;
+    if (enc === "json") this.engine.stats.jsonWellFormed++;
+    if (variant === "MmapAndRegisterMemory") {
+      const m = payloadOf(v);
+      const count = big(m.num_file_mappings);
+      const size = big((m.shm as Record<string, unknown>).size);
+      // Refused at once when absurd (or its descriptors were cut short), yet still answered after its chunks (docs/protocol.md).
+      const refused = lost || count > MAX_FILE_MAPPINGS || (size <= MAX_SAFE && count > (size + BigInt(PAGE) - 1n) / BigInt(PAGE));
+      if (count > 0n) {
+        this.pendingFailed = this.pendingRefused = refused;
+        this.pending = Number(count);
+        this.pendingReq = v;
+        this.pendingEnc = enc;
+        this.pendingCheck = p.check;
+        return null;
+      }
+      if (lost) {
+        ex.variant = null;
+        ex.check = Check.Chunk;
+        ex.errno = EINVAL;
+        return ex;
+      }
     }
     if (p.marker !== undefined) {
       ex.check = Check.Marker;
@@ -1624,21 +2620,33 @@ class Conn {
   }
 
   private onResponse(body: Uint8Array): void {
+    const enc = encodingOf(body);
     let v: unknown;
     try {
-      v = responseDecoder.decode(body);
+      v = enc === "json" ? readJson(body) : readMsgpack(body);
     } catch (e) {
-      this.engine.violate("response", `not a MessagePack value (${e}): ${hexHead(body)}`, this);
+      this.engine.violate("response", `not a ${enc === "json" ? "JSON" : "MessagePack"} value (${e}): ${hexHead(body)}`, this, this.fifo[0]);
       this.fifo.shift();
       return;
     }
-    const kind = responseKind(v);
     const ex = this.fifo.shift();
     if (ex === undefined) {
       this.engine.violate("accounting", `a response with no request outstanding: ${show(v)}`, this);
       this.needsReset = true;
       return;
     }
+    if (enc !== ex.enc) {
+      this.engine.violate("encoding", `a ${enc === "json" ? "JSON" : "MessagePack"} answer to a ${ex.enc === "json" ? "JSON" : "MessagePack"} ${ex.variant === null ? "packet" : "request"}: ${hexHead(body)}`, this, ex);
+      this.needsReset = true;
+    }
+    if (enc === "json") {
+      this.engine.stats.jsonResponses++;
+      // PROTOCOL.md: JSON answers are compact, as serde_json writes them.
+      const canonical = jsonText(v);
+      const text = utf8Lenient.decode(body);
+      if (canonical !== text) this.engine.violate("response", `a JSON answer not written as serde_json writes it (compact): ${JSON.stringify(text.slice(0, 200))}`, this, ex);
+    }
+    const kind = responseKind(v, enc);
     if (typeof kind !== "string") {
       this.engine.violate("response", `malformed response (${kind.bad}): ${show(v)}`, this, ex);
       return;
@@ -1720,9 +2728,20 @@ class Stats {
   abandonedByCount = 0;
   checkpoints = 0;
   peakRegions = 0;
-  /** GetState answered EMSGSIZE (State larger than a packet), and regions unregistered to make it fit. */
-  stateTooLarge = 0;
-  thinned = 0;
+  /** Packets sent and answers received in JSON. */
+  jsonPackets = 0;
+  jsonResponses = 0;
+  /** Packets the model read as well-formed requests (all, and JSON ones). */
+  wellFormed = 0;
+  jsonWellFormed = 0;
+  /** GetRegions / GetAllocations pages read at checkpoints, and the most regions GetState's first page held. */
+  pagesRead = 0;
+  peakStatePage = 0;
+  /** Checkpoints whose GetState listed only a first page of regions (regions_next set). */
+  statePaged = 0;
+  freedProbes = 0;
+  /** What the MSG_CTRUNC probe did. */
+  ctrunc = "not run";
   peakSlots = 0;
   slotsMax = 0;
   registered = 0;
@@ -1826,6 +2845,12 @@ class Engine {
       st.errnos.set(name, (st.errnos.get(name) ?? 0) + 1);
       if (errno === null) this.violate("errno", `Err without errno (PROTOCOL.md: EINVAL for malformed input): ${show(chain)}`, conn, ex);
       else if (chain.some((s) => s.startsWith("malformed")) && errno !== EINVAL) this.violate("errno", `malformed-input Err with errno ${errno}: ${show(chain)}`, conn, ex);
+      if (ex.variant !== null && chain.at(-1) === MALFORMED_REQUEST) {
+        // The model reads the packet as a well-formed request: the server must not call it malformed.
+        this.violate("model", `the server refused as malformed a packet the model reads as a well-formed ${ex.variant}: ${show(chain)}`, conn, ex);
+        // An MmapAndRegisterMemory refused at once leaves its chunks to be read as requests: out of step from here.
+        conn.needsReset = true;
+      }
     }
     const expected = allowedKinds(ex.variant);
     if (!expected.includes(kind)) {
@@ -1841,21 +2866,44 @@ class Engine {
         if (errno !== EINVAL && !(kind === "Err" && errno === null)) mismatch("expected Err EINVAL"); // nil: reported above
         break;
       case Check.Chunk:
-        if (errno !== EINVAL || chain.at(-1) !== CHUNK_ABORT) mismatch(`a malformed chunk must end the MmapAndRegisterMemory with one Err EINVAL whose chain ends "${CHUNK_ABORT}"`, true);
+        // The request failed at a chunk (EINVAL, "malformed …" in the chain) or was refused at
+        // once (its count: EINVAL); a request whose start already failed (its shm, its
+        // destination) answers that failure, whatever its chunks were.
+        if (kind !== "Err" || chain.at(-1) !== CHUNK_ABORT || (ex.errno !== undefined && errno !== ex.errno)) {
+          mismatch(`a failed MmapAndRegisterMemory must end with one Err${ex.errno !== undefined ? ` ${sys.errnoName(ex.errno)}` : ""} whose chain ends "${CHUNK_ABORT}"`, true);
+        }
         break;
       case Check.Ok:
         if (v !== "Ok") mismatch("expected Ok");
         break;
       case Check.State:
-        // A State too large for one packet is refused with EMSGSIZE (docs/protocol.md).
-        if (kind !== "State" && errno !== sys.Errno.EMSGSIZE) mismatch("expected State");
+        // PROTOCOL.md: GetState's lists are pages, so it always fits (no EMSGSIZE any more).
+        if (kind !== "State") mismatch("expected State");
         break;
       case Check.Errno:
         if (errno !== ex.errno) mismatch(`expected Err ${sys.errnoName(ex.errno!)}`);
         break;
+      case Check.Refused:
+        if (kind !== "Err") mismatch("expected an Err (the source or a file mapping cannot be mapped)");
+        break;
+      case Check.Page: {
+        const want = ex.variant === "GetRegions" ? "Regions" : "Allocations";
+        if (kind !== want) mismatch(`expected ${want}`);
+        else {
+          const why = pageProblem(want, payload, ex.req);
+          if (why !== null) mismatch(`a ${want} page against ${show(payloadOf(ex.req))}: ${why}`);
+        }
+        break;
+      }
       case Check.Marker:
         if (errno !== ENOENT || !chain[0]?.includes(hex(ex.marker!))) mismatch(`expected the sync marker's ENOENT for ${hex(ex.marker!)} (responses out of step)`, true);
         break;
+    }
+    if (kind === "State") {
+      const s = payload as unknown as { ram: [number | bigint, number | bigint][]; freed_bytes: number | bigint };
+      const ram = s.ram.reduce((n, [, size]) => n + big(size), 0n);
+      const freed = big(s.freed_bytes);
+      if (freed > ram || freed % BigInt(PAGE) !== 0n) mismatch(`freed_bytes ${freed} is not a whole number of pages of guest RAM (${ram} bytes)`);
     }
     this.bookkeep(conn, ex, kind, payload, v);
     ex.onResponse?.(v);
@@ -1873,7 +2921,7 @@ class Engine {
       }
       if (id % PAGE !== 0) this.violate("response", `region_id ${hex(id)} is not page aligned`, conn, ex);
     } else if (kind === "Allocated" && ex.variant === "AllocateMmio") {
-      this.allocs.add(allocKey((req!.AllocateMmio as Record<string, unknown>).alloc), 1);
+      this.allocs.add(allocKey(payloadOf(req).alloc), 1);
     } else if (v === "Ok" && req !== null) {
       switch (ex.variant) {
         case "UnregisterMemory":
@@ -1884,14 +2932,13 @@ class Engine {
           this.allocs.add(allocKey(req.ReleaseMmio), -1);
           break;
         case "PrepareSharedMemoryRegion":
-          this.prepared.add(allocKey((req.PrepareSharedMemoryRegion as Record<string, unknown>).alloc), 1);
+          this.prepared.add(allocKey(payloadOf(req).alloc), 1);
           break;
         case "IoEventRaw": {
           const e = req.IoEventRaw as Record<string, unknown>;
           const fd = ex.fds[Number(e.event)]!;
           const dm = e.datamatch;
-          if (dm === undefined) break;
-          const [dk, dv] = dm === "AnyLength" ? ["AnyLength", null] : Object.entries(dm as Record<string, unknown>)[0]!;
+          const [dk, dv] = typeof dm === "string" ? [dm, null] : Object.entries(dm as Record<string, unknown>)[0]!;
           const key = `${fd}|${Number(e.addr)}|${dk}|${dv === null ? "wild" : BigInt(dv as number | bigint)}`;
           this.ioevents.add(key, e.register ? 1 : -1);
           this.ioeventArgs.set(key, { fd, addr: Number(e.addr), datamatch: dm });
@@ -1964,22 +3011,170 @@ class Engine {
     await this.pumpUntil(() => this.conns.every((c) => c.synced && !c.closeAfterSync && !c.needsReset), what);
   }
 
-  async state(): Promise<State> {
-    for (;;) {
-      const r = (await this.control(this.conns[0]!, "GetState")) as Record<string, State & { errno: number }>;
-      if (isPlainMap(r) && "State" in r) return r.State!;
-      // A State listing too many regions does not fit one packet (65536 bytes): unregister some
-      // of the regions the responses told us about, and ask again.
-      const known = this.regions.positive();
-      if (!(isPlainMap(r) && "Err" in r && r.Err!.errno === sys.Errno.EMSGSIZE) || known.length === 0) {
-        throw new FuzzAbort(`GetState answered ${show(r)}`);
+  /**
+   * Every entry of a listing, paged from 0 with `max` entries a page (null: as many as fit),
+   * each page checked by the paging rules, each `from` the previous page's `next`.
+   */
+  private async listing(kind: "GetRegions" | "GetAllocations", max: number | null): Promise<Record<string, unknown>[]> {
+    const want = kind === "GetRegions" ? "Regions" : "Allocations";
+    const out: Record<string, unknown>[] = [];
+    let from: number | bigint = 0;
+    for (let pages = 1; ; pages++) {
+      const req = { [kind]: { from, max } };
+      const r = await this.control(this.conns[0]!, req);
+      this.stats.pagesRead++;
+      if (!isPlainMap(r) || !isPlainMap(r[want])) throw new FuzzAbort(`${show(req)} answered ${show(r)}`);
+      const page = r[want] as Record<string, unknown>;
+      const why = pageProblem(want, page, req);
+      if (why !== null) {
+        this.violate("paging", `${show(req)}: ${why}`);
+        throw new FuzzAbort(`paging through ${kind} failed: ${why}`);
       }
-      this.stats.stateTooLarge++;
-      for (const id of known.slice(0, 250)) {
-        await this.control(this.conns[0]!, { UnregisterMemory: id });
-        this.stats.thinned++;
-      }
+      out.push(...((want === "Regions" ? page.regions : page.allocations) as Record<string, unknown>[]));
+      if (page.next === null) return out;
+      if (pages > 200_000) throw new FuzzAbort(`${kind} did not end after ${pages} pages`);
+      from = page.next as number | bigint;
     }
+  }
+
+  /** GetState's list is the listing's first page (PROTOCOL.md), `next` the key of the first entry it leaves out. */
+  private checkFirstPage(what: string, page: Record<string, unknown>[], next: unknown, all: Record<string, unknown>[], key: string): void {
+    const same = (a: unknown, b: unknown) => JSON.stringify(a, bigintJson) === JSON.stringify(b, bigintJson);
+    if (page.length === 0 && all.length > 0) this.violate("paging", `GetState lists no ${what}, and ${all.length} exist`);
+    if (!same(page, all.slice(0, page.length))) this.violate("paging", `GetState's ${what} are not the first page of the listing: ${show(page, 200)} vs ${show(all, 200)}`);
+    const want = page.length < all.length ? big(all[page.length]![key]) : null;
+    const got = next === null ? null : big(next);
+    if (got !== want) this.violate("paging", `GetState's ${what}_next is ${got}, the first ${what.slice(0, -1)} it leaves out is ${want}`);
+  }
+
+  /**
+   * The server's whole state, at a synced point: GetState, its listings paged through (in
+   * pages as large as fit and again in small ones: the same entries), GetState's lists
+   * their first pages.
+   */
+  async state(): Promise<State> {
+    const r = await this.control(this.conns[0]!, "GetState");
+    if (!isPlainMap(r) || !isPlainMap(r.State)) throw new FuzzAbort(`GetState answered ${show(r)}`);
+    const st = r.State as Record<string, unknown>;
+    const regions = await this.listing("GetRegions", null);
+    const allocations = await this.listing("GetAllocations", null);
+    this.checkFirstPage("regions", st.regions as Record<string, unknown>[], st.regions_next, regions, "region_id");
+    this.checkFirstPage("allocations", st.allocations as Record<string, unknown>[], st.allocations_next, allocations, "start");
+    this.stats.peakStatePage = Math.max(this.stats.peakStatePage, (st.regions as unknown[]).length);
+    if (st.regions_next !== null) this.stats.statePaged++;
+    const n = this.stats.pagesRead;
+    const same = (a: unknown, b: unknown) => JSON.stringify(a, bigintJson) === JSON.stringify(b, bigintJson);
+    const small = await this.listing("GetRegions", 1 + (n % 37));
+    if (!same(small, regions)) this.violate("paging", `GetRegions in pages of ${1 + (n % 37)} lists other regions than in full pages`);
+    const smallAllocs = await this.listing("GetAllocations", 1 + (n % 3));
+    if (!same(smallAllocs, allocations)) this.violate("paging", `GetAllocations in pages of ${1 + (n % 3)} lists other allocations than in full pages`);
+    return {
+      ram: st.ram as State["ram"],
+      regions: regions as unknown as RegionOut[],
+      allocations: allocations as unknown as AllocationOut[],
+      slots_used: st.slots_used as number,
+      slots_max: st.slots_max as number,
+      freed_bytes: st.freed_bytes as number | bigint,
+    };
+  }
+
+  /**
+   * freed_bytes (PROTOCOL.md): guest RAM currently given back, a page freed twice counted
+   * once, a reclaimed page not at all. Probed on a synced server with ranges it knows.
+   */
+  private async freedProbe(name: string, st: State): Promise<void> {
+    const c = this.conns[0]!;
+    const all = st.ram.map(([g, s]) => [g, s]);
+    const ok = async (req: unknown) => {
+      const r = await this.control(c, req);
+      if (r !== "Ok") this.violate("freed_bytes", `${name}: ${show(req)} answered ${show(r)}`);
+    };
+    const expect = async (want: number, after: string) => {
+      const r = (await this.control(c, "GetState")) as { State?: { freed_bytes: number | bigint } };
+      const got = r.State === undefined ? null : big(r.State.freed_bytes);
+      if (got !== BigInt(want)) this.violate("freed_bytes", `${name}: after ${after}, freed_bytes is ${got}, expected ${want}`);
+    };
+    const a = PAGE * (64 + ((this.stats.checkpoints * 97) % 1024));
+    await ok({ DynamicallyReclaimMemoryRanges: { ranges: all } });
+    await expect(0, "reclaiming all of guest RAM");
+    await ok({ DynamicallyFreeMemoryRanges: { ranges: [[a, 4 * PAGE], [a + 2 * PAGE, 4 * PAGE]] } });
+    await expect(6 * PAGE, "freeing two 4-page ranges that share 2 pages");
+    await ok({ DynamicallyFreeMemoryRanges: { ranges: [[a, 2 * PAGE]] } });
+    await expect(6 * PAGE, "freeing 2 of those pages again");
+    await ok({ DynamicallyReclaimMemoryRanges: { ranges: [[a + PAGE, PAGE], [a + 5 * PAGE, 3 * PAGE]] } });
+    await expect(4 * PAGE, "reclaiming 2 of the 6 pages (and 2 never freed)");
+    await ok({ DynamicallyReclaimMemoryRanges: { ranges: all } });
+    await expect(0, "reclaiming all of guest RAM again");
+    this.stats.freedProbes++;
+  }
+
+  /**
+   * MSG_CTRUNC on purpose (see the header): with the server's RLIMIT_NOFILE at its lowest
+   * free descriptor, the kernel can hand it none, so every packet with descriptors arrives
+   * with them cut short. An MmapAndRegisterMemory among them is refused but still answered
+   * once, after its chunks (which arrive cut short too); any other such packet is EINVAL.
+   * The model knows (Packet.ctrunc); a marker after them shows the answers stayed in step.
+   */
+  async ctruncProbe(pool: SharedPool, win: Windows): Promise<void> {
+    const prlimit = ["/usr/bin/prlimit", "/bin/prlimit"].find((p) => existsSync(p));
+    if (prlimit === undefined) {
+      this.stats.ctrunc = "skipped: no prlimit(1)";
+      return;
+    }
+    const pid = this.server.pid;
+    const m = /^Max open files\s+(\S+)\s+(\S+)/m.exec(readFileSync(`/proc/${pid}/limits`, "utf8"));
+    const shm = pool.memory.find((p) => p.kind === "memfd" && p.size >= 2 * MiB);
+    const file = pool.memory.find((p) => p.kind === "memfd" && p.size === PAGE);
+    if (m === null || shm === undefined || file === undefined) {
+      this.stats.ctrunc = "skipped: no RLIMIT_NOFILE in /proc/PID/limits";
+      return;
+    }
+    const [, soft, hard] = m as unknown as [string, string, string];
+    const setLimit = (v: string) => Bun.spawnSync([prlimit, `--pid=${pid}`, `--nofile=${v}:${hard}`], { stderr: "pipe" }).exitCode === 0;
+    const used = new Set(readdirSync(`/proc/${pid}/fd`).map(Number));
+    let lowest = 0;
+    while (used.has(lowest)) lowest++;
+    const answers: string[] = [];
+    const record = (what: string) => (r: unknown) => {
+      const e = isPlainMap(r) && isPlainMap(r.Err) ? (r.Err as { errno: number | null; chain: string[] }) : null;
+      answers.push(`${what}: ${e === null ? show(r, 80) : `Err ${e.errno === null ? "nil" : sys.errnoName(e.errno)} "${e.chain.at(-1)}"`}`);
+    };
+    const chunk = (n: number, json: boolean): Packet => {
+      const list = Array.from({ length: n }, (_, i) => ({ file: i, length: PAGE, mem_offset: PAGE * i, file_offset: 0 }));
+      return { body: json ? jsonBytes(list) : encode(list), fds: Array(n).fill(file.fd), label: "ctrunc:chunk", ctrunc: true };
+    };
+    const packets: Packet[] = [
+      {
+        body: encode({ MmapAndRegisterMemory: { shm: { descriptor: 0, size: shm.size }, dest: { GuestPhysicalAddress: win.mmapBase }, num_file_mappings: 300 } }),
+        fds: [shm.fd],
+        label: "ctrunc:mmap",
+        ctrunc: true,
+      },
+      chunk(SCM_MAX_FD, false),
+      { ...chunk(300 - SCM_MAX_FD, true), onResponse: record("MmapAndRegisterMemory (300 mappings) after its last chunk") },
+      {
+        body: jsonBytes({ MmapAndRegisterMemory: { shm: { descriptor: 0, size: shm.size }, dest: { GuestPhysicalAddress: win.mmapBase }, num_file_mappings: 1 } }),
+        fds: [shm.fd],
+        label: "ctrunc:json-mmap",
+        ctrunc: true,
+      },
+      { ...chunk(1, false), onResponse: record("JSON MmapAndRegisterMemory (1 mapping) after its chunk") },
+      { body: encode("GetState"), fds: [file.fd], label: "ctrunc:get-state", ctrunc: true, onResponse: record("GetState with a descriptor") },
+      { body: jsonBytes({ UnregisterMemory: 1 }), fds: [file.fd, file.fd], label: "ctrunc:json", ctrunc: true, onResponse: record("JSON UnregisterMemory with descriptors") },
+    ];
+    const c = this.conns[0]!;
+    if (!setLimit(String(lowest))) {
+      this.stats.ctrunc = "skipped: prlimit failed";
+      return;
+    }
+    try {
+      c.explicit.push(...packets, this.marker());
+      await this.pumpUntil(() => c.synced, "the MSG_CTRUNC probe");
+    } finally {
+      if (!setLimit(soft)) this.violate("aborted", `could not restore the server's RLIMIT_NOFILE to ${soft}`);
+    }
+    if (answers.length !== 4) this.violate("ctrunc", `${answers.length} of the 4 answers came: ${answers.join("; ")}`);
+    this.stats.ctrunc = `ran (RLIMIT_NOFILE ${lowest} for a moment): ${answers.join("; ")}`;
   }
 
   async waitFds(want: number, timeoutMs = 5000): Promise<number> {
@@ -2014,6 +3209,7 @@ class Engine {
       this.violate("descriptors", `${name}: the server holds ${fds} descriptors, expected ${baselineFds} + ${this.conns.length} connections`);
     }
     this.reconcile(name, st);
+    await this.freedProbe(name, st);
     return st;
   }
 
@@ -2116,6 +3312,7 @@ export async function runFuzz(options: FuzzOptions): Promise<FuzzReport> {
     const before = await engine.checkpoint("end of fuzzing", base.fds);
     engine.stats.final.regionsBeforeCleanup = before.regions.filter((r) => r.kind !== "prepared").length;
     await engine.cleanup(before);
+    await engine.ctruncProbe(pool, win);
     final = await engine.state();
     const left = final.regions.filter((r) => r.kind !== "prepared");
     const prepared = final.regions.filter((r) => r.kind === "prepared");
@@ -2201,7 +3398,9 @@ function formatReport(opts: FuzzOptions, r: FuzzReport, server: FuzzServer): str
     `  absorbed as MmapAndRegisterMemory chunks: ${s.absorbed}; lost in abrupt disconnects: ${s.lostResponses}`,
     `  regions registered ${s.registered}, unregistered by the fuzz ${s.unregistered}, left at the end ${f.regionsBeforeCleanup ?? "?"} (unregistered by cleanup)`,
     `checkpoints: ${s.checkpoints} (at most ${s.peakRegions} regions and ${s.peakSlots} of ${s.slotsMax} slots live at one)`,
-    ...(s.stateTooLarge > 0 ? [`GetState answered EMSGSIZE (State over 65536 bytes) ${s.stateTooLarge} times at checkpoints; ${s.thinned} regions unregistered to make it fit`] : []),
+    `well-formed requests (by the model): ${s.wellFormed}; JSON: ${s.jsonPackets} packets (${s.jsonWellFormed} well-formed requests), ${s.jsonResponses} answers in JSON`,
+    `paging: ${s.pagesRead} GetRegions/GetAllocations pages read at checkpoints; GetState's first page held at most ${s.peakStatePage} regions (${s.statePaged} checkpoints needed more pages); freed_bytes probes ${s.freedProbes}`,
+    `MSG_CTRUNC probe: ${s.ctrunc}`,
     `server descriptors: ${f.baselineFds} right after start -> ${f.finalFds} at the end`,
     `server mappings: start ${mapsLine(f.baselineMaps)}`,
     `                 end   ${mapsLine(f.finalMaps)}`,
