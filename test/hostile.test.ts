@@ -48,6 +48,35 @@ describe("one packet", () => {
     expect(c.request("GetState")).toHaveProperty("State");
     c.close();
   });
+
+  test("a 20 KB unknown key or a 60 KB escaped string is EINVAL, never an answer too large to send (fuzzer regressions)", () => {
+    const c = s.connect();
+    const key = "\x01".repeat(20000);
+    const bodies = [
+      Uint8Array.from([0x81, 0xda, 0x4e, 0x20, ...new Uint8Array(20000).fill(1), 0x01]),
+      new TextEncoder().encode(`"${'\\"'.repeat(30000)}"`),
+      new TextEncoder().encode(`{"BalloonTargetReached":{"size":1,${JSON.stringify(key)}:1}}`),
+    ];
+    for (const r of c.pipeline(bodies.map((b) => ({ body: b, fds: [] })))) {
+      const e = errOf(r);
+      expect(e.errno).toBe(22);
+      expect(e.chain.join("").length).toBeLessThan(1000);
+    }
+    c.close();
+  });
+
+  test("an MmapAndRegisterMemory whose shm the kernel will not map is an Err, and the connection stays (fuzzer regression)", () => {
+    const c = s.connect();
+    const ev = sys.eventfd();
+    const r = c.pipeline([
+      encodeRequest({ MmapAndRegisterMemory: { shm: { descriptor: ev, size: 4096 }, dest: { GuestPhysicalAddress: HIGH }, num_file_mappings: 0 } }),
+      encodeRequest("GetState"),
+    ]);
+    expect(["ENODEV", "EACCES"]).toContain(sys.errnoName(errOf(r[0]).errno!));
+    expect(r[1]).toHaveProperty("State");
+    sys.close(ev);
+    c.close();
+  });
 });
 
 describe("a pending MmapAndRegisterMemory fed one-descriptor chunks", () => {

@@ -339,18 +339,6 @@ function registerMemory(ctx: ExecContext, source: VmMemorySource, dest: VmMemory
   return { RegisterMemory: { region_id: guest, slot } };
 }
 
-/**
- * Runs a system-call step; a SysError becomes a VmMemoryError with `context` (thrown: the
- * rare path). For the requests that are not per-register traffic.
- */
-function wrapSys<T>(f: () => T, context: string): T {
-  try {
-    return f();
-  } catch (e) {
-    throw VmMemoryError.from(e).context(context);
-  }
-}
-
 function mapIntoArena(ctx: ExecContext, arena: PreparedArena, guest: GuestAddress, src: SourceRange, protection: number, readOnly: boolean): Result {
   if (guest % PAGE_SIZE !== 0) return notAligned("guest address", guest);
   const end = guest + src.mapped;
@@ -399,7 +387,12 @@ function prepareSharedMemoryRegion(ctx: ExecContext, alloc: Alloc, cache: MemCac
   if (a === undefined) return Refusal.of("EINVAL", `${describeAlloc(alloc)} is not allocated`);
   const busy = checkFreeGuestRange(ctx, a.start, a.size);
   if (busy !== null) return busy;
-  const slot = wrapSys(() => ctx.vm.prepareArena(a.start, a.size, cache), "failed to add the arena's memory region");
+  let slot: MemSlot;
+  try {
+    slot = ctx.vm.prepareArena(a.start, a.size, cache);
+  } catch (e) {
+    throw VmMemoryError.from(e).context("failed to add the arena's memory region");
+  }
   const arena: PreparedArena = { alloc, start: a.start, size: a.size, slot, fixed: new IntervalMap<Region>() };
   ctx.state.arenas.set(key, arena);
   ctx.state.top.insert(a.start, a.start + a.size, arena);
@@ -448,7 +441,9 @@ export class MmapRegistration {
     if (placement.arena !== null) return Refusal.of("EINVAL", "MmapAndRegisterMemory into a prepared region is not supported; use RegisterMemory");
     const busy = checkFreeGuestRange(ctx, placement.guest, mapped);
     if (busy !== null) return busy;
-    const mapping = wrapSys(() => MemoryMapping.fromDescriptor(shm.descriptor, 0, mapped, sys.PROT_READ), "failed to map the shm");
+    const mapping = MemoryMapping.tryFromDescriptor(shm.descriptor, 0, mapped, sys.PROT_READ);
+    // A descriptor the kernel will not map is the client's to send: a refusal, not an error.
+    if (typeof mapping === "number") return new Refusal(mapping, [sys.sysMessage("mmap", mapping), "failed to map the shm"]);
     return new MmapRegistration(ctx, placement.guest, mapped, mapping);
   }
 

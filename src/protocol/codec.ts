@@ -155,6 +155,14 @@ function decode(s: Shape, r: WireReader, w: Walk): Out {
   }
 }
 
+/**
+ * A name from the packet, quoted for an error message and cut to a length that keeps any
+ * answer far below a packet (a 60 KiB unknown key must not make a 120 KiB Err).
+ */
+function quoted(text: string): string {
+  return JSON.stringify(text.length > 64 ? `${text.slice(0, 64)}…` : text);
+}
+
 /** Adds a path segment to a failure on its way out. */
 function at(w: Walk, segment: string): typeof FAIL {
   w.path.push(segment);
@@ -174,8 +182,8 @@ function decodeStruct(fields: readonly Field[], r: WireReader, w: Walk): Out {
     let i = count < fields.length && r.tokenIs(fields[count]!.bytes) ? count : -1;
     if (i === -1) for (let j = 0; j < fields.length && i === -1; j++) if (r.tokenIs(fields[j]!.bytes)) i = j;
     if (i === -1) {
-      if (r.strictFields) return w.fail(`unknown field ${JSON.stringify(r.tokenText())}`);
-      const name = r.tokenText();
+      if (r.strictFields) return w.fail(`unknown field ${quoted(r.tokenText())}`);
+      const name = quoted(r.tokenText());
       if (!r.skip()) return at(w, name), w.fail(r.why);
       continue;
     }
@@ -212,14 +220,14 @@ function decodeEnum(s: EnumShape<unknown>, r: WireReader, w: Walk): Out {
       if (!r.tokenIs(v.bytes)) continue;
       return v.shape === null ? v.name : w.fail(`${v.name} needs a payload: {"${v.name}": …}`);
     }
-    return w.fail(`unknown ${s.name} variant ${JSON.stringify(r.tokenText())} (expected one of ${variantNames(s)})`);
+    return w.fail(`unknown ${s.name} variant ${quoted(r.tokenText())} (expected one of ${variantNames(s)})`);
   }
   if (!r.mapStart()) return w.fail(r.why || `expected a ${s.name}: a string or a map with one key (the variant)`);
   let n = r.nextKey();
   if (n !== MORE) return w.fail(n === BROKEN ? r.why : `expected a ${s.name}: a map with exactly one key (the variant), not none`);
   let variant = -1;
   for (let i = 0; i < variants.length && variant === -1; i++) if (r.tokenIs(variants[i]!.bytes)) variant = i;
-  if (variant === -1) return w.fail(`unknown ${s.name} variant ${JSON.stringify(r.tokenText())} (expected one of ${variantNames(s)})`);
+  if (variant === -1) return w.fail(`unknown ${s.name} variant ${quoted(r.tokenText())} (expected one of ${variantNames(s)})`);
   const v = variants[variant]!;
   let payload: Out;
   if (v.shape === null) {
