@@ -3,7 +3,8 @@
 import { openSync, readFileSync, statSync } from "node:fs";
 import type { KvmVm } from "../kvm";
 import { checkBootImage } from "../kvm/boot";
-import { Vcpu, type VcpuMessage } from "../kvm/vcpu";
+import type { LinuxImage } from "../kvm/linux";
+import { Vcpu, type VcpuMessage, type VcpuOptions } from "../kvm/vcpu";
 import type { VcpuSummary } from "../protocol";
 import type { Logger, Server } from "../server";
 import * as sys from "../sys";
@@ -31,22 +32,33 @@ function writeAll(fd: number, bytes: Uint8Array): boolean {
   return true;
 }
 
-export function attachGuest(
-  vm: KvmVm,
-  server: Server,
-  opts: { guestPath: string; serialPath?: string; log: Logger },
-): GuestHandle {
-  const { log } = opts;
-  let size: number;
+/** What runs: a boot-contract image (--guest), or a Linux kernel (--kernel, --initrd, --cmdline). */
+export type GuestBoot = { guestPath: string } | { kernelPath: string; initrdPath?: string; cmdline: string };
+
+/** A file's bytes; a missing or unreadable one is one clear error naming its flag. */
+function readInput(path: string, flag: string): Uint8Array {
   try {
-    size = statSync(opts.guestPath).size;
+    statSync(path);
+    return readFileSync(path);
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code ?? "";
     const errno = code in sys.Errno ? sys.Errno[code as sys.ErrnoName] : sys.Errno.EIO;
-    throw new sys.SysError(`--guest ${opts.guestPath}`, errno);
+    throw new sys.SysError(`${flag} ${path}`, errno);
   }
-  checkBootImage(size, vm.ramSize, `--guest ${opts.guestPath}`);
-  const image = readFileSync(opts.guestPath);
+}
+
+export function attachGuest(vm: KvmVm, server: Server, opts: GuestBoot & { serialPath?: string; log: Logger }): GuestHandle {
+  const { log } = opts;
+  const name = "guestPath" in opts ? opts.guestPath : opts.kernelPath;
+  let image: Uint8Array;
+  let linux: LinuxImage | null = null;
+  if ("guestPath" in opts) {
+    image = readInput(opts.guestPath, "--guest");
+    checkBootImage(image.byteLength, vm.ramSize, `--guest ${opts.guestPath}`);
+  } else {
+    image = readInput(opts.kernelPath, "--kernel");
+    linux = { kernel: image, initrd: opts.initrdPath === undefined ? null : readInput(opts.initrdPath, "--initrd"), cmdline: opts.cmdline };
+  }
 
   const serialFd = opts.serialPath === undefined ? 1 : openSync(opts.serialPath, "w", 0o644);
   let serialBroken = false;
@@ -61,22 +73,23 @@ export function attachGuest(
 
   let vcpu: Vcpu;
   try {
-    vcpu = Vcpu.start(vm, image, {
+    const vcpuOpts: VcpuOptions = {
       onSerial,
       onMessage,
-      onState: (state) => {
+      onState: (state: string) => {
         if (state === "running") {
-          log.info("vcpu running", { guest: opts.guestPath, boot_ms: Math.round(performance.now() - vcpu.startedAt) });
+          log.info("vcpu running", { guest: name, boot_ms: Math.round(performance.now() - vcpu.startedAt) });
         }
       },
-      onExitRequest: (status) => server.stop(`guest requested exit (port 0xf4, status ${status})`, status),
-    });
+      onExitRequest: (status: number) => server.stop(`guest requested exit (status ${status})`, status),
+    };
+    vcpu = linux === null ? Vcpu.start(vm, image, vcpuOpts) : Vcpu.startLinux(vm, linux, vcpuOpts);
   } catch (e) {
     if (opts.serialPath !== undefined) sys.close(serialFd);
     throw e;
   }
   server.watch(vcpu.eventFd, () => vcpu.service());
-  log.info("guest loaded", { guest: opts.guestPath, bytes: image.byteLength, serial: opts.serialPath ?? "stdout" });
+  log.info(linux === null ? "guest loaded" : "kernel loaded", { guest: name, bytes: image.byteLength, serial: opts.serialPath ?? "stdout" });
 
   let stopped: Promise<void> | null = null;
   return {

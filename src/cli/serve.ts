@@ -7,6 +7,9 @@ import { flag, parseFlags, parseNumber, parsePciBarSize, parseSize, UsageError }
 import type { GuestHandle } from "./guest";
 import { enterSandbox } from "./sandbox";
 
+/** A command line for the serial console vmemd emulates, with early output. */
+const DEFAULT_CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1";
+
 export const SERVE_HELP = `usage: vmemd serve --socket PATH [options]
 
 Creates a KVM virtual machine and serves its memory plane on PATH.
@@ -43,6 +46,9 @@ Creates a KVM virtual machine and serves its memory plane on PATH.
   --ready-fd N              once the socket accepts connections, write "ready\n" to descriptor N
                             (inherited from the parent) and close it, so a supervisor need not poll
   --guest FILE              run FILE as the guest (docs/boot.md)
+  --kernel FILE             boot a Linux kernel, an ELF vmlinux or a bzImage (docs/boot.md)
+  --initrd FILE             with --kernel: the initial ramdisk
+  --cmdline STRING          with --kernel: the kernel command line (default "${DEFAULT_CMDLINE}")
   --serial PATH             write the guest's serial output to PATH (default: stdout)
   --log-level LEVEL         debug, info, warn, error (default info)
   --log-format FORMAT       text or json (default text)
@@ -71,6 +77,9 @@ const SPEC = {
   "die-with-parent": { value: false },
   "ready-fd": { value: true },
   guest: { value: true },
+  kernel: { value: true },
+  initrd: { value: true },
+  cmdline: { value: true },
   serial: { value: true },
   "log-level": { value: true },
   "log-format": { value: true },
@@ -86,6 +95,10 @@ export async function serve(argv: string[]): Promise<number> {
     return 0;
   }
   if (p.positional.length > 0) throw new UsageError(`vmemd serve: unexpected argument "${p.positional[0]}"`);
+  if (flag(p, "guest") !== undefined && flag(p, "kernel") !== undefined) throw new UsageError("vmemd serve: --guest and --kernel are two ways to run a guest; give one");
+  for (const f of ["initrd", "cmdline"]) {
+    if (flag(p, f) !== undefined && flag(p, "kernel") === undefined) throw new UsageError(`vmemd serve: --${f} applies to --kernel only`);
+  }
   const socketPath = flag(p, "socket");
   if (socketPath === undefined) throw new UsageError("vmemd serve: --socket PATH is required");
   const memory = parseSize(flag(p, "memory") ?? "256M", "--memory");
@@ -194,9 +207,14 @@ export async function serve(argv: string[]): Promise<number> {
     // The guest first: a bad --guest fails before there is a socket file to leave behind.
     // Its modules load only when a guest runs.
     const guestPath = flag(p, "guest");
-    if (guestPath !== undefined) {
+    const kernelPath = flag(p, "kernel");
+    if (guestPath !== undefined || kernelPath !== undefined) {
       const { attachGuest } = await import("./guest");
-      guest = attachGuest(vm, server, { guestPath, serialPath: flag(p, "serial"), log });
+      const serialPath = flag(p, "serial");
+      guest =
+        guestPath !== undefined
+          ? attachGuest(vm, server, { guestPath, serialPath, log })
+          : attachGuest(vm, server, { kernelPath: kernelPath!, initrdPath: flag(p, "initrd"), cmdline: flag(p, "cmdline") ?? DEFAULT_CMDLINE, serialPath, log });
     }
     server.listen();
     if (!p.flags.has("no-sandbox")) enterSandbox(log);

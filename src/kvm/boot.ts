@@ -54,17 +54,48 @@ export function checkBootImage(imageSize: number, memory: number, path = "guest 
   }
 }
 
+/** Where a vCPU starts: registers and the selectors its GDT (at BOOT_GDT) holds. */
+export interface BootEntry {
+  rip: number;
+  rsp: number;
+  /** Linux's 64-bit boot protocol passes the zero page here; 0 for the contract. */
+  rsi: number;
+  /** Selector of the 64-bit code segment and of the flat data segment. */
+  cs: number;
+  ds: number;
+}
+
+/** The boot contract's entry (docs/boot.md). */
+export const CONTRACT_ENTRY: BootEntry = { rip: BOOT_RIP, rsp: BOOT_RSP, rsi: 0, cs: BOOT_CS, ds: BOOT_DS };
+
+/** Writes a GDT at BOOT_GDT holding a null entry, the 64-bit code segment at `cs` and the flat data segment at `ds`. */
+export function writeGdt(low: Uint8Array, entry: BootEntry): void {
+  const v = new DataView(low.buffer, low.byteOffset, BOOT_MIN_MEMORY);
+  const entries = Math.max(entry.cs, entry.ds) / 8 + 1;
+  for (let i = 0; i < entries; i++) v.setBigUint64(BOOT_GDT + 8 * i, 0n, true);
+  v.setBigUint64(BOOT_GDT + entry.cs, GDT_CODE64, true);
+  v.setBigUint64(BOOT_GDT + entry.ds, GDT_DATA, true);
+}
+
+/** GDT limit for `entry` (the last byte of its highest descriptor). */
+export function gdtLimit(entry: BootEntry): number {
+  return Math.max(entry.cs, entry.ds) + 7;
+}
+
 /**
  * Writes the GDT, the identity page tables for [0, 512 GiB) with 2 MiB pages, and the
  * image, into `low`: a view of guest RAM from GPA 0 of at least BOOT_MIN_MEMORY bytes.
  */
 export function writeBootMemory(low: Uint8Array, image: Uint8Array): void {
   checkBootImage(image.byteLength, low.byteLength);
+  writeGdt(low, CONTRACT_ENTRY);
+  writeIdentityMap(low);
+  low.set(image, BOOT_IMAGE);
+}
+
+/** The identity page tables for [0, 512 GiB) with 2 MiB pages, at BOOT_PML4, BOOT_PDPT and BOOT_PD. */
+export function writeIdentityMap(low: Uint8Array): void {
   const v = new DataView(low.buffer, low.byteOffset, BOOT_MIN_MEMORY);
-  // GDT: null, code, data.
-  v.setBigUint64(BOOT_GDT, 0n, true);
-  v.setBigUint64(BOOT_GDT + 8, GDT_CODE64, true);
-  v.setBigUint64(BOOT_GDT + 16, GDT_DATA, true);
   // PML4[0] -> PDPT; the other 511 entries not present.
   low.fill(0, BOOT_PML4, BOOT_PML4 + 0x1000);
   v.setBigUint64(BOOT_PML4, BigInt(BOOT_PDPT | PTE_P | PTE_RW), true);
@@ -79,7 +110,6 @@ export function writeBootMemory(low: Uint8Array, image: Uint8Array): void {
       v.setUint32(pd + j * 8 + 4, i >>> 2, true);
     }
   }
-  low.set(image, BOOT_IMAGE);
 }
 
 const SEG = sys.KVM_SEGMENT;
@@ -100,12 +130,12 @@ function setSegment(v: DataView, off: number, selector: number, type: number, db
   v.setUint8(off + SEG.unusable, 0);
 }
 
-/** Turns the kvm_sregs that KVM_GET_SREGS returned into the contract's long-mode state (tr, ldt, apic_base kept). */
-export function setBootSregs(v: DataView): void {
-  setSegment(v, SREGS.cs, BOOT_CS, 0xb, 0, 1);
-  for (const off of [SREGS.ds, SREGS.es, SREGS.fs, SREGS.gs, SREGS.ss]) setSegment(v, off, BOOT_DS, 0x3, 1, 0);
+/** Turns the kvm_sregs that KVM_GET_SREGS returned into the long-mode state of `entry` (tr, ldt, apic_base kept). */
+export function setBootSregs(v: DataView, entry: BootEntry = CONTRACT_ENTRY): void {
+  setSegment(v, SREGS.cs, entry.cs, 0xb, 0, 1);
+  for (const off of [SREGS.ds, SREGS.es, SREGS.fs, SREGS.gs, SREGS.ss]) setSegment(v, off, entry.ds, 0x3, 1, 0);
   v.setBigUint64(SREGS.gdt + sys.KVM_DTABLE.base, BigInt(BOOT_GDT), true);
-  v.setUint16(SREGS.gdt + sys.KVM_DTABLE.limit, 3 * 8 - 1, true);
+  v.setUint16(SREGS.gdt + sys.KVM_DTABLE.limit, gdtLimit(entry), true);
   v.setBigUint64(SREGS.idt + sys.KVM_DTABLE.base, 0n, true);
   v.setUint16(SREGS.idt + sys.KVM_DTABLE.limit, 0, true);
   v.setBigUint64(SREGS.cr0, BigInt(BOOT_CR0), true);
@@ -122,11 +152,12 @@ export const REG_NAMES = [
   "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags",
 ] as const;
 
-/** kvm_regs of the contract: everything 0 but rip, rsp and rflags (0x2: IF=0). */
-export function setBootRegs(v: DataView): void {
+/** kvm_regs of `entry`: everything 0 but rip, rsp, rsi and rflags (0x2: IF=0). */
+export function setBootRegs(v: DataView, entry: BootEntry = CONTRACT_ENTRY): void {
   for (let off = 0; off < sys.KVM_REGS_SIZE; off += 8) v.setBigUint64(off, 0n, true);
-  v.setBigUint64(sys.KVM_REGS.rsp, BigInt(BOOT_RSP), true);
-  v.setBigUint64(sys.KVM_REGS.rip, BigInt(BOOT_RIP), true);
+  v.setBigUint64(sys.KVM_REGS.rsp, BigInt(entry.rsp), true);
+  v.setBigUint64(sys.KVM_REGS.rip, BigInt(entry.rip), true);
+  v.setBigUint64(sys.KVM_REGS.rsi, BigInt(entry.rsi), true);
   v.setBigUint64(sys.KVM_REGS.rflags, 2n, true);
 }
 

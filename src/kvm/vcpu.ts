@@ -13,7 +13,8 @@
 import { existsSync } from "node:fs";
 import { dirname } from "node:path";
 import * as sys from "../sys";
-import { BOOT_MIN_MEMORY, checkBootImage, writeBootMemory } from "./boot";
+import { BOOT_MIN_MEMORY, checkBootImage, CONTRACT_ENTRY, writeBootMemory, type BootEntry } from "./boot";
+import { loadLinux, type LinuxImage } from "./linux";
 import type { KvmVm } from "./kvm_vm";
 import {
   Cnt,
@@ -83,6 +84,8 @@ export class Vcpu {
     vm: KvmVm,
     private readonly opts: VcpuOptions,
     startedAt: number,
+    entry: BootEntry,
+    linux: boolean,
   ) {
     this.startedAt = startedAt;
     this.sh = VcpuShared.create();
@@ -98,6 +101,8 @@ export class Vcpu {
         cpuid: vm.kvm.supportedCpuid().raw.slice(),
         eventFd: this.eventFd,
         blockSignals: [sys.SIGINT, sys.SIGTERM, sys.SIGHUP, sys.SIGUSR1, sys.SIGUSR2],
+        entry,
+        linux,
       };
       this.worker = new Worker(vcpuWorkerPath());
       // The Worker reports through the shared buffer; this only catches a Worker that
@@ -120,7 +125,18 @@ export class Vcpu {
     const host = vm.ramHostAddress(0, BOOT_MIN_MEMORY);
     if (host === undefined) throw new sys.SysError("guest RAM does not cover [0, 4 MiB)", sys.Errno.EINVAL);
     writeBootMemory(sys.memoryView(host, BOOT_MIN_MEMORY), image);
-    return new Vcpu(vm, opts, t0);
+    return new Vcpu(vm, opts, t0, CONTRACT_ENTRY, false);
+  }
+
+  /**
+   * Loads a Linux kernel (ELF vmlinux or bzImage) with its zero page, command line, initrd
+   * and e820 map into guest RAM (linux.ts) and starts vCPU 0 at its 64-bit entry point.
+   */
+  static startLinux(vm: KvmVm, image: LinuxImage, opts: VcpuOptions = {}): Vcpu {
+    const t0 = performance.now();
+    const low = vm.ram[0]!;
+    const entry = loadLinux(vm.ramMapping.view(low.fileOffset, low.size), image, vm.ram);
+    return new Vcpu(vm, opts, t0, entry, true);
   }
 
   get tid(): number {

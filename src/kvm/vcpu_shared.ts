@@ -1,3 +1,4 @@
+import type { BootEntry } from "./boot";
 // The memory the main thread and the vCPU Worker share (one SharedArrayBuffer), and
 // the message that starts the Worker. Imported by both sides; no FFI here.
 //
@@ -170,4 +171,8 @@ export interface VcpuInit {
   eventFd: number;
   /** Signals to block on the vCPU thread (SIGTERM, SIGINT: the main thread handles them). */
   blockSignals: number[];
+  /** Registers and segments at entry. */
+  entry: BootEntry;
+  /** A Linux kernel runs: the PC devices it expects (UART, CMOS, i8042 reset) answer, and a reset or shutdown ends the guest. */
+  linux: boolean;
 }

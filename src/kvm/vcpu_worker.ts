@@ -6,6 +6,7 @@
 import * as sys from "../sys";
 import { describeRegisters, setBootRegs, setBootSregs } from "./boot";
 import { hex } from "./layout";
+import { COM1, COM1_IRQ, Uart8250 } from "./uart";
 import { Cnt, Ctl, type VcpuInit, type VcpuMessage, VcpuShared, VcpuStateCode } from "./vcpu_shared";
 
 declare const self: Worker;
@@ -16,6 +17,10 @@ const PORT_SERIAL_LSR = 0x3fd;
 const LSR_IDLE = 0x60; // THR empty, transmitter empty
 const PORT_EXIT = 0xf4;
 const KVM_EXIT_IO_IN = 0;
+// The PC devices a Linux guest touches beyond the in-kernel ones.
+const PORT_CMOS_DATA = 0x71; // reads 0: no update in progress, a clock at zero
+const PORT_I8042_COMMAND = 0x64; // 0xFE there pulses the CPU reset line
+const I8042_RESET = 0xfe;
 
 /** How long one blocking wait lasts before flags are looked at again (ms). Blocking, never spinning. */
 const WAIT_MS = 50;
@@ -29,11 +34,33 @@ class VcpuThread {
   private runAddr = 0;
   private run: Uint8Array | null = null;
   private rv: DataView | null = null;
+  /** COM1 for a Linux guest (the contract's serial is write-only port 0x3F8 instead). */
+  private readonly uart: Uart8250 | null;
+  private readonly irqLevel = new DataView(new ArrayBuffer(8));
 
   constructor(private readonly init: VcpuInit) {
     this.sh = new VcpuShared(init.sab);
     this.ctl = this.sh.ctl;
     this.cnt = this.sh.cnt;
+    this.uart = init.linux ? new Uart8250((b) => this.serialByte(b), () => this.pulseIrq(COM1_IRQ)) : null;
+  }
+
+  /** An edge on an irqchip line (ISA interrupts are edge-triggered). */
+  private pulseIrq(irq: number): void {
+    for (const level of [1, 0]) {
+      this.irqLevel.setUint32(0, irq, true);
+      this.irqLevel.setUint32(4, level, true);
+      sys.tryIoctl(this.init.vmFd, sys.KVM_IRQ_LINE, this.irqLevel, "KVM_IRQ_LINE");
+    }
+  }
+
+  /** The guest asks to end (port 0xF4, or a Linux reset or shutdown): main stops with `status`. */
+  private requestExit(msg: string, status: number): void {
+    // The record first, so main logs it before it acts on the request.
+    this.message({ level: "info", msg, fields: { status } });
+    Atomics.store(this.ctl, Ctl.EXIT_STATUS, status);
+    this.sh.set(Ctl.EXIT_REQUEST, 1);
+    this.setState(VcpuStateCode.stopped);
   }
 
   /** Wakes the main thread once per batch of output (it clears NOTIFY when it services us). */
@@ -109,10 +136,10 @@ class VcpuThread {
     sys.ioctl(this.vcpuFd, sys.KVM_SET_CPUID2, cpuid, "KVM_SET_CPUID2");
     const sregs = new DataView(new ArrayBuffer(sys.KVM_SREGS_SIZE));
     sys.ioctl(this.vcpuFd, sys.KVM_GET_SREGS, sregs, "KVM_GET_SREGS");
-    setBootSregs(sregs);
+    setBootSregs(sregs, this.init.entry);
     sys.ioctl(this.vcpuFd, sys.KVM_SET_SREGS, sregs, "KVM_SET_SREGS");
     const regs = new DataView(new ArrayBuffer(sys.KVM_REGS_SIZE));
-    setBootRegs(regs);
+    setBootRegs(regs, this.init.entry);
     sys.ioctl(this.vcpuFd, sys.KVM_SET_REGS, regs, "KVM_SET_REGS");
   }
 
@@ -163,6 +190,11 @@ class VcpuThread {
           this.setState(VcpuStateCode.halted);
           return;
         case sys.KVM_EXIT_SHUTDOWN:
+          // A Linux guest resets this way when it reboots: its end, not a fault.
+          if (this.init.linux) {
+            this.requestExit("guest reset (shutdown)", 0);
+            return;
+          }
           this.fatal("vcpu shutdown (triple fault)", reason, {});
           return;
         case sys.KVM_EXIT_INTERNAL_ERROR: {
@@ -199,6 +231,7 @@ class VcpuThread {
     const port = rv.getUint16(sys.KVM_RUN_IO_PORT, true);
     const count = rv.getUint32(sys.KVM_RUN_IO_COUNT, true);
     const off = Number(rv.getBigUint64(sys.KVM_RUN_IO_DATA_OFFSET, true));
+    if (this.uart !== null) return this.linuxIo(run, dir, size, port, count, off);
     if (dir === KVM_EXIT_IO_IN) {
       // All ones, except the serial line status register, which says "ready".
       run.fill(0xff, off, off + size * count);
@@ -210,13 +243,32 @@ class VcpuThread {
       return false;
     }
     if (port === PORT_EXIT) {
-      const status = run[off]!;
-      // The record first, so main logs it before it acts on the request.
-      this.message({ level: "info", msg: "guest asked vmemd to exit", fields: { status } });
-      Atomics.store(this.ctl, Ctl.EXIT_STATUS, status);
-      this.sh.set(Ctl.EXIT_REQUEST, 1);
-      this.setState(VcpuStateCode.stopped);
+      this.requestExit("guest asked vmemd to exit", run[off]!);
       return true;
+    }
+    return false;
+  }
+
+  /** Port I/O of a Linux guest: COM1, the CMOS clock, the i8042's reset, port 0xF4 as above. */
+  private linuxIo(run: Uint8Array, dir: number, size: number, port: number, count: number, off: number): boolean {
+    const uart = this.uart!;
+    for (let i = 0; i < count; i++) {
+      const at = off + i * size;
+      if (dir === KVM_EXIT_IO_IN) {
+        run.fill(0xff, at, at + size);
+        if (port >= COM1 && port < COM1 + 8) run[at] = uart.read(port - COM1);
+        else if (port === PORT_CMOS_DATA) run[at] = 0;
+        else if (port === PORT_I8042_COMMAND) run[at] = 0; // buffers empty
+        continue;
+      }
+      if (port >= COM1 && port < COM1 + 8) uart.write(port - COM1, run[at]!);
+      else if (port === PORT_I8042_COMMAND && run[at] === I8042_RESET) {
+        this.requestExit("guest reset (i8042)", 0);
+        return true;
+      } else if (port === PORT_EXIT) {
+        this.requestExit("guest asked vmemd to exit", run[at]!);
+        return true;
+      }
     }
     return false;
   }

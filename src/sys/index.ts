@@ -10,3 +10,4 @@ export * from "./thread";
 export * from "./batch";
 export * from "./seccomp";
 export * from "./capability";
+export * from "./u64";

@@ -62,6 +62,8 @@ export const KVM_SET_CPUID2 = 0x4008ae90;
 export const KVM_CREATE_IRQCHIP = 0xae60;
 // _IOW(KVMIO, 0x77, struct kvm_pit_config): the in-kernel 8254 timer.
 export const KVM_CREATE_PIT2 = 0x4040ae77;
+// _IOW(KVMIO, 0x61, struct kvm_irq_level { u32 irq; u32 level; }): a line of the in-kernel irqchip.
+export const KVM_IRQ_LINE = 0x4008ae61;
 // _IOW(KVMIO, 0x76, struct kvm_irqfd)
 export const KVM_IRQFD = 0x4020ae76;
 
@@ -164,7 +166,7 @@ export const KVM_EXIT_INTERNAL_ERROR = 17;
 
 // struct kvm_regs (144 bytes): rax rbx rcx rdx rsi rdi rsp rbp r8..r15 (u64 each), rip, rflags.
 export const KVM_REGS_SIZE = 144;
-export const KVM_REGS = { rsp: 48, rip: 128, rflags: 136 } as const;
+export const KVM_REGS = { rsi: 32, rsp: 48, rip: 128, rflags: 136 } as const;
 // struct kvm_sregs (312 bytes): eight kvm_segment (24 B each), gdt and idt (kvm_dtable,
 // 16 B: base u64, limit u16), then the control registers.
 export const KVM_SREGS_SIZE = 312;
