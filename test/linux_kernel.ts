@@ -131,3 +131,24 @@ function lz4Block(src: Uint8Array, out: Uint8Array): number {
   return d;
 }
 
+function hex16(n: number): string {
+  return "0x" + n.toString(16).padStart(16, "0");
+}
+
+/** The e820 lines the kernel must print for `ram` (GetState's ranges): the hole and the low MMIO pool reserved. */
+export function expectedE820(ram: [number, number][]): string[] {
+  const lines: string[] = [];
+  const usable = (a: number, end: number) => lines.push(`BIOS-e820: [mem ${hex16(a)}-${hex16(end - 1)}] usable`);
+  const reserved = (a: number, end: number) => lines.push(`BIOS-e820: [mem ${hex16(a)}-${hex16(end - 1)}] reserved`);
+  const entries: [number, number, boolean][] = [];
+  for (const [g, size] of ram) {
+    const end = g + size;
+    if (g < 0x9fc00 && end > 0x100000) entries.push([g, 0x9fc00, true], [0x9fc00, 0x100000, false], [0x100000, end, true]);
+    else entries.push([g, end, true]);
+  }
+  entries.push([0xd000_0000, 0xf400_0000, false]);
+  entries.sort((a, b) => a[0] - b[0]);
+  for (const [a, end, u] of entries) (u ? usable : reserved)(a, end);
+  return lines;
+}
+

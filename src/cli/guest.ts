@@ -4,7 +4,7 @@ import { openSync, readFileSync, statSync } from "node:fs";
 import type { KvmVm } from "../kvm";
 import { checkBootImage } from "../kvm/boot";
 import type { LinuxImage } from "../kvm/linux";
-import { Vcpu, type VcpuMessage, type VcpuOptions } from "../kvm/vcpu";
+import { Vcpu, type CpuidBit, type VcpuMessage, type VcpuOptions } from "../kvm/vcpu";
 import type { VcpuSummary } from "../protocol";
 import type { Logger, Server } from "../server";
 import * as sys from "../sys";
@@ -47,7 +47,7 @@ function readInput(path: string, flag: string): Uint8Array {
   }
 }
 
-export function attachGuest(vm: KvmVm, server: Server, opts: GuestBoot & { serialPath?: string; log: Logger }): GuestHandle {
+export function attachGuest(vm: KvmVm, server: Server, opts: GuestBoot & { serialPath?: string; log: Logger; cpuidClear?: readonly CpuidBit[] }): GuestHandle {
   const { log } = opts;
   const name = "guestPath" in opts ? opts.guestPath : opts.kernelPath;
   let image: Uint8Array;
@@ -74,6 +74,7 @@ export function attachGuest(vm: KvmVm, server: Server, opts: GuestBoot & { seria
   let vcpu: Vcpu;
   try {
     const vcpuOpts: VcpuOptions = {
+      cpuidClear: opts.cpuidClear ?? [],
       onSerial,
       onMessage,
       onState: (state: string) => {

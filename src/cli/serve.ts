@@ -5,6 +5,7 @@ import { RegionState, Refusal, SystemAllocator, describeAlloc, type ExecContext 
 import { DEFAULT_BUDGETS, DEFAULT_SERVER_OPTIONS, descriptorsNeeded, Logger, mappingBudget, Server, type LogFormat, type LogLevel } from "../server";
 import { flag, parseFlags, parseNumber, parsePciBarSize, parseSize, UsageError } from "./args";
 import type { GuestHandle } from "./guest";
+import type { CpuidBit } from "../kvm/vcpu";
 import { enterSandbox } from "./sandbox";
 
 /** A command line for the serial console vmemd emulates, with early output. */
@@ -49,6 +50,9 @@ Creates a KVM virtual machine and serves its memory plane on PATH.
   --kernel FILE             boot a Linux kernel, an ELF vmlinux or a bzImage (docs/boot.md)
   --initrd FILE             with --kernel: the initial ramdisk
   --cmdline STRING          with --kernel: the kernel command line (default "${DEFAULT_CMDLINE}")
+  --cpuid-clear LEAF:REG:BIT
+                            hide a CPUID feature bit from the guest (repeatable), e.g. 1:ecx:13
+                            (CX16) on a KVM that cannot emulate CMPXCHG16B (docs/boot.md)
   --serial PATH             write the guest's serial output to PATH (default: stdout)
   --log-level LEVEL         debug, info, warn, error (default info)
   --log-format FORMAT       text or json (default text)
@@ -80,6 +84,7 @@ const SPEC = {
   kernel: { value: true },
   initrd: { value: true },
   cmdline: { value: true },
+  "cpuid-clear": { value: true, repeat: true },
   serial: { value: true },
   "log-level": { value: true },
   "log-format": { value: true },
@@ -95,6 +100,9 @@ export async function serve(argv: string[]): Promise<number> {
     return 0;
   }
   if (p.positional.length > 0) throw new UsageError(`vmemd serve: unexpected argument "${p.positional[0]}"`);
+  if (p.flags.has("cpuid-clear") && flag(p, "guest") === undefined && flag(p, "kernel") === undefined) {
+    throw new UsageError("vmemd serve: --cpuid-clear applies to a guest (--guest or --kernel)");
+  }
   if (flag(p, "guest") !== undefined && flag(p, "kernel") !== undefined) throw new UsageError("vmemd serve: --guest and --kernel are two ways to run a guest; give one");
   for (const f of ["initrd", "cmdline"]) {
     if (flag(p, f) !== undefined && flag(p, "kernel") === undefined) throw new UsageError(`vmemd serve: --${f} applies to --kernel only`);
@@ -211,10 +219,11 @@ export async function serve(argv: string[]): Promise<number> {
     if (guestPath !== undefined || kernelPath !== undefined) {
       const { attachGuest } = await import("./guest");
       const serialPath = flag(p, "serial");
+      const cpuidClear = (p.flags.get("cpuid-clear") ?? []).map(parseCpuidBit);
       guest =
         guestPath !== undefined
-          ? attachGuest(vm, server, { guestPath, serialPath, log })
-          : attachGuest(vm, server, { kernelPath: kernelPath!, initrdPath: flag(p, "initrd"), cmdline: flag(p, "cmdline") ?? DEFAULT_CMDLINE, serialPath, log });
+          ? attachGuest(vm, server, { guestPath, serialPath, log, cpuidClear })
+          : attachGuest(vm, server, { kernelPath: kernelPath!, initrdPath: flag(p, "initrd"), cmdline: flag(p, "cmdline") ?? DEFAULT_CMDLINE, serialPath, log, cpuidClear });
     }
     server.listen();
     if (!p.flags.has("no-sandbox")) enterSandbox(log);
@@ -233,6 +242,13 @@ export async function serve(argv: string[]): Promise<number> {
     await guest?.stop();
     vm.close();
   }
+}
+
+/** "LEAF:REG:BIT" (--cpuid-clear), the leaf in decimal or 0x hex. */
+function parseCpuidBit(text: string): CpuidBit {
+  const m = /^(0x[0-9a-f]+|\d+):(eax|ebx|ecx|edx):(\d+)$/i.exec(text);
+  if (!m || Number(m[3]) > 31) throw new UsageError(`--cpuid-clear: "${text}" is not LEAF:REG:BIT (e.g. 1:ecx:13)`);
+  return { leaf: Number(m[1]), reg: m[2]!.toLowerCase() as CpuidBit["reg"], bit: Number(m[3]) };
 }
 
 /**

@@ -52,6 +52,32 @@ export interface VcpuOptions {
   onMessage?: (m: VcpuMessage) => void;
   /** The state changed (main thread; seen when servicing, so quick transitions may merge). */
   onState?: (state: VcpuStateName) => void;
+  /** CPUID bits to clear from what KVM_GET_SUPPORTED_CPUID offers (a host whose KVM cannot emulate them). */
+  cpuidClear?: readonly CpuidBit[];
+}
+
+/** One CPUID feature bit: leaf (EAX in), register, bit. */
+export interface CpuidBit {
+  leaf: number;
+  reg: "eax" | "ebx" | "ecx" | "edx";
+  bit: number;
+}
+
+const CPUID_REG_OFFSET = { eax: 12, ebx: 16, ecx: 20, edx: 24 } as const;
+
+/** kvm_cpuid2 (`raw`, from KVM_GET_SUPPORTED_CPUID) with `bits` cleared in every entry of their leaf. */
+export function clearCpuidBits(raw: Uint8Array, bits: readonly CpuidBit[]): Uint8Array {
+  const v = new DataView(raw.buffer, raw.byteOffset, raw.byteLength);
+  const n = v.getUint32(0, true);
+  for (let i = 0; i < n; i++) {
+    const o = 8 + i * sys.CPUID_ENTRY_SIZE;
+    for (const b of bits) {
+      if (v.getUint32(o, true) !== b.leaf) continue;
+      const at = o + CPUID_REG_OFFSET[b.reg];
+      v.setUint32(at, v.getUint32(at, true) & ~(1 << b.bit), true);
+    }
+  }
+  return raw;
 }
 
 /** Counters and state as GetState reports them (VcpuSummary). */
@@ -98,7 +124,7 @@ export class Vcpu {
         vmFd: vm.fd,
         vcpuId: 0,
         mmapSize: vm.kvm.vcpuMmapSize(),
-        cpuid: vm.kvm.supportedCpuid().raw.slice(),
+        cpuid: clearCpuidBits(vm.kvm.supportedCpuid().raw.slice(), opts.cpuidClear ?? []),
         eventFd: this.eventFd,
         blockSignals: [sys.SIGINT, sys.SIGTERM, sys.SIGHUP, sys.SIGUSR1, sys.SIGUSR2],
         entry,
