@@ -464,6 +464,9 @@ class FakePeerTests(unittest.TestCase):
     def test_peer_hang_up_is_a_connection_error(self):
         p = self.peer(lambda req, fds: None, "msgpack")
         p.client.send("GetState")
+        # shutdown() first: close() alone waits for the peer's serving thread to let go of the
+        # socket, and until then the client sees no hang-up (a race, seen under load).
+        p.sock.shutdown(socket.SHUT_RDWR)
         p.sock.close()
         with self.assertRaises(ConnectionError):
             p.client.recv()
@@ -495,12 +498,11 @@ class VmemdServer:
         self.path = os.path.join(self.dir, "vmemd.sock")
         self.log = open(os.path.join(self.dir, "log"), "w+b")
         self.proc = subprocess.Popen(
-            [str(BINARY), "serve", "--socket", self.path, "--memory", "64M", "--pci-bar", "00:05.0/2=16M", "--die-with-parent"],
+            [str(BINARY), "serve", "--socket", self.path, "--memory", "64M", "--pci-bar", "00:05.0/2=16M", "--die-with-parent",
+             "--share-guest-memory-with", str(os.getuid()), "--release-on-disconnect"],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
         )
-        # Ready when the socket accepts a connection. (Not --ready-fd: the Bun runtime marks
-        # every inherited descriptor from 4 up close-on-exec at start, and vmemd then refuses
-        # it, so only descriptors 0-3 work there.)
+        # Ready when the socket accepts a connection.
         deadline = time.monotonic() + 30
         while True:
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -568,6 +570,30 @@ class WireTests:
         return {r["region_id"]: r for r in c.get_state()["regions"]}
 
     # -- the tests --
+
+    def test_device_plane(self):
+        c = self.client()
+        ranges = c.get_guest_memory()
+        self.assertEqual([(r["guest_address"], r["size"], r["offset"]) for r in ranges], [(0, 64 << 20, 0)])
+        fd = ranges[0]["descriptor"]
+        try:
+            import mmap
+            ram = mmap.mmap(fd, 64 << 20)
+            ram[0x800000:0x800008] = b"pyclient"
+            self.assertEqual(ram[0x800000:0x800008], b"pyclient")  # the same memory vmemd gave the guest
+            ram.close()
+        finally:
+            os.close(fd)
+        ev = os.eventfd(0, os.EFD_CLOEXEC)
+        self.addCleanup(os.close, ev)
+        c.irqfd(ev, 9)
+        c.irqfd(ev, 9, register=False)
+        with self.assertRaises(vmemd.VmemdError) as e:
+            c.irqfd(ev, 30)
+        self.assertEqual(e.exception.code, "EINVAL")
+        port = 0x700 + (0 if self.encoding == "msgpack" else 8)
+        c.ioevent_pio(ev, port)
+        c.ioevent_pio(ev, port, register=False)
 
     def test_register_unregister_memfd_above_ram(self):
         c = self.client()
