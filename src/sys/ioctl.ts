@@ -52,6 +52,15 @@ export const KVM_SET_USER_MEMORY_REGION = 0x4020ae46;
 // _IOW(KVMIO, 0x79, struct kvm_ioeventfd)
 export const KVM_IOEVENTFD = 0x4040ae79;
 // _IOR/_IOW(KVMIO, 0x81..0x84, struct kvm_regs / kvm_sregs)
+// _IOR/_IOW(KVMIO, 0x9f/0xa0, struct kvm_vcpu_events): pending exceptions, interrupts, NMIs.
+export const KVM_GET_VCPU_EVENTS = 0x8040ae9f;
+export const KVM_SET_VCPU_EVENTS = 0x4040aea0;
+export const VCPU_EVENTS_SIZE = 64;
+// struct kvm_vcpu_events: exception { u8 injected, nr, has_error_code, pending; u32 error_code } at 0, flags at 20.
+export const VCPU_EVENTS = { exceptionInjected: 0, exceptionNr: 1, exceptionHasErrorCode: 2, exceptionPending: 3, flags: 20 } as const;
+// KVM_INTERNAL_ERROR_EMULATION and its instruction bytes (struct kvm_run's emulation_failure).
+export const KVM_INTERNAL_ERROR_EMULATION = 1;
+export const KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES = 1;
 export const KVM_GET_REGS = 0x8090ae81;
 export const KVM_SET_REGS = 0x4090ae82;
 export const KVM_GET_SREGS = 0x8138ae83;
