@@ -40,6 +40,8 @@ export const libc = dlopen("libc.so.6", {
   connect: { args: [i32, ptr, u32], returns: i32 },
   recvmsg: { args: [i32, ptr, i32], returns: i64_fast },
   sendmsg: { args: [i32, ptr, i32], returns: i64_fast },
+  sendto: { args: [i32, ptr, u64, i32, ptr, u32], returns: i64_fast },
+  getsockname: { args: [i32, ptr, ptr], returns: i32 },
   recvmmsg: { args: [i32, ptr, u32, i32, ptr], returns: i32 },
   sendmmsg: { args: [i32, ptr, u32, i32], returns: i32 },
   getsockopt: { args: [i32, i32, i32, ptr, ptr], returns: i32 },
@@ -52,6 +54,7 @@ export const libc = dlopen("libc.so.6", {
   epoll_wait: { args: [i32, ptr, i32, i32], returns: i32 },
   getpid: { args: [], returns: i32 },
   getppid: { args: [], returns: i32 },
+  unsetenv: { args: [ptr], returns: i32 },
   prctl: { args: [i32, u64, u64, u64, u64], returns: i32 },
   capset: { args: [ptr, ptr], returns: i32 },
   // Variadic; for seccomp(2), which glibc 2.36 does not wrap.
