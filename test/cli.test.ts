@@ -123,7 +123,7 @@ describe("--ready-fd", () => {
     for (const redirect of ["3</dev/null", ""]) {
       const r = Bun.spawnSync(["sh", "-c", `exec "$0" serve --socket "$1" --memory 16M --ready-fd 3 ${redirect}`, BINARY, `${sock}.x`], { stderr: "pipe" });
       expect(r.exitCode).toBe(2);
-      expect(r.stderr.toString()).toMatch(/^--ready-fd: .*\n$/);
+      expect(r.stderr.toString()).toMatch(/^vmemd serve: --ready-fd: .*\n$/);
     }
   });
 });
