@@ -112,6 +112,12 @@ export function bindUnix(fd: number, path: string): void {
   check(`bind(${path})`, libc.bind(fd, sockaddrUn(path), 2 + Buffer.byteLength(path) + 1));
 }
 
+/** bind(2) to a path or an abstract "@name" (unixAddress). */
+export function bindUnixName(fd: number, name: string): void {
+  const { addr, len } = unixAddress(name);
+  check(`bind(${name})`, libc.bind(fd, addr, len));
+}
+
 export function listen(fd: number, backlog: number): void {
   check("listen", libc.listen(fd, backlog));
 }
