@@ -31,6 +31,15 @@ function writeAll(fd: number, bytes: Uint8Array): boolean {
   return true;
 }
 
+/**
+ * vmemd's exit status for the byte a guest wrote to port 0xF4: 3 + value, capped at 125,
+ * so it is never 0, 1 or 2 (vmemd's own: stopped, failed, usage) nor in the range shells
+ * report for commands not run (126, 127) or killed by a signal (128 and up).
+ */
+export function guestExitStatus(value: number): number {
+  return 3 + Math.min(value, 122);
+}
+
 export function attachGuest(
   vm: KvmVm,
   server: Server,
@@ -69,7 +78,7 @@ export function attachGuest(
           log.info("vcpu running", { guest: opts.guestPath, boot_ms: Math.round(performance.now() - vcpu.startedAt) });
         }
       },
-      onExitRequest: (status) => server.stop(`guest requested exit (port 0xf4, status ${status})`, status),
+      onExitRequest: (value) => server.stop(`guest requested exit (port 0xf4, value ${value})`, guestExitStatus(value)),
     });
   } catch (e) {
     if (opts.serialPath !== undefined) sys.close(serialFd);

@@ -53,6 +53,13 @@ Under systemd (contrib/systemd): a listening socket passed in by socket activati
 (LISTEN_FDS, LISTEN_PID) is served as it is, never unlinked; with NOTIFY_SOCKET set,
 vmemd sends READY=1 once it serves, STATUS= with its live counts, WATCHDOG=1 at half of
 WATCHDOG_USEC, and STOPPING=1 as it shuts down.
+
+exit status:
+  0      stopped cleanly (SIGTERM, SIGINT, or the parent gone with --die-with-parent)
+  1      failed (at start, or while serving)
+  2      usage error
+  3 + V  the guest wrote V to port 0xF4 (V up to 122; any larger V gives 125), so a guest's
+         status never reads as one of vmemd's own (docs/boot.md)
 `;
 
 const SPEC = {
