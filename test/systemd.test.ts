@@ -276,6 +276,37 @@ describe("what is passed in, checked", () => {
   });
 });
 
+describe("a manager that is not there", () => {
+  test("a NOTIFY_SOCKET nobody listens on, or not a path, is logged once and serving goes on", async () => {
+    requireKvm();
+    requireBinary();
+    const dir = tempDir();
+    for (const [notify, message] of [
+      [join(dir, "nobody"), /WARN  cannot notify the service manager notify_socket=\S+nobody error=.*ENOENT/],
+      ["relative/notify", /WARN  NOTIFY_SOCKET is neither a path nor an abstract @name; not notifying/],
+    ] as [string, RegExp][]) {
+      const path = join(dir, `s${Math.random()}.sock`);
+      const proc = Bun.spawn([BINARY, "serve", "--socket", path, "--memory", "16M", "--die-with-parent"], {
+        stdin: "ignore",
+        stdout: "ignore",
+        stderr: "pipe",
+        env: { ...process.env, NOTIFY_SOCKET: notify, WATCHDOG_USEC: "100000" },
+      });
+      children.push(proc);
+      const err = collect(proc.stderr);
+      await waitForPath(path, proc);
+      const c = VmemClient.connect(path);
+      expect(c.getState().slots_used).toBe(1);
+      c.close();
+      await Bun.sleep(300); // watchdog pings would be due by now: none may be attempted
+      proc.kill("SIGTERM");
+      expect(await proc.exited).toBe(0);
+      expect(err.text).toMatch(message);
+      expect(err.text.split("\n").filter((l) => /notif/i.test(l)).length).toBe(1); // one warning, nothing per ping
+    }
+  });
+});
+
 describe("contrib/systemd", () => {
   test("the units pass systemd-analyze verify", () => {
     requireBinary();

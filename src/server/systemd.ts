@@ -45,10 +45,11 @@ export type StatusSource = () => string;
 const STATUS_INTERVAL_MS = 1000;
 
 /**
- * sd_notify(3) over NOTIFY_SOCKET: a non-blocking SOCK_DGRAM socket, made at start
- * (the sandbox refuses socket() later), and one sendto per notification. A path or an
- * abstract "@name" is accepted. A notification that cannot be sent (a full queue, no
- * receiver) is dropped and logged: the manager's absence never stops serving.
+ * sd_notify(3) over NOTIFY_SOCKET: a non-blocking SOCK_DGRAM socket, made and connected at
+ * start (the sandbox refuses socket() and connect() later; connected, it can reach nothing
+ * but the manager), and one send per notification. A path or an abstract "@name" is
+ * accepted. A notification that cannot be sent (a full queue, the receiver gone) is dropped
+ * and logged: the manager's absence never stops serving.
  */
 export class Notifier {
   private lastStatus = "";
@@ -58,7 +59,6 @@ export class Notifier {
 
   private constructor(
     private readonly fd: number,
-    private readonly to: { addr: Buffer; len: number },
     readonly socket: string,
     /** Half of WATCHDOG_USEC, in ms; null when the manager wants no watchdog pings. */
     readonly watchdogIntervalMs: number | null,
@@ -73,16 +73,16 @@ export class Notifier {
       log.warn("NOTIFY_SOCKET is neither a path nor an abstract @name; not notifying", { notify_socket: socket });
       return null;
     }
-    let to: { addr: Buffer; len: number };
-    let fd: number;
+    let fd = -1;
     try {
-      to = sys.unixAddress(socket);
       fd = sys.unixSocket(sys.SOCK_DGRAM, true);
+      sys.connectUnixName(fd, socket);
     } catch (e) {
       log.warn("cannot notify the service manager", { notify_socket: socket, error: String(e) });
+      if (fd !== -1) sys.close(fd);
       return null;
     }
-    return new Notifier(fd, to, socket, watchdogInterval(env, log), log);
+    return new Notifier(fd, socket, watchdogInterval(env, log), log);
   }
 
   /** READY=1 with the first STATUS=, and the first watchdog ping. */
@@ -137,7 +137,7 @@ export class Notifier {
 
   private send(text: string): void {
     try {
-      if (!sys.sendDatagram(this.fd, this.to, this.encoder.encode(text))) {
+      if (!sys.sendDatagram(this.fd, this.encoder.encode(text))) {
         this.log.limited.warn("the service manager's notification queue is full; dropped a notification", { notify_socket: this.socket });
       }
     } catch (e) {

@@ -88,11 +88,11 @@ export function unixSocketName(fd: number): string {
 }
 
 /**
- * One datagram to `to` (unixAddress) without waiting: true when sent, false when the
- * receiver's queue is full (EAGAIN). Other failures (no receiver, ECONNREFUSED) throw.
+ * One datagram on a connected datagram socket without waiting: true when sent, false when
+ * the receiver's queue is full (EAGAIN). Other failures (the receiver gone: ECONNREFUSED) throw.
  */
-export function sendDatagram(fd: number, to: { addr: Buffer; len: number }, body: Uint8Array): boolean {
-  const n = libc.sendto(fd, body, body.byteLength, MSG_DONTWAIT | MSG_NOSIGNAL, to.addr, to.len) as number;
+export function sendDatagram(fd: number, body: Uint8Array): boolean {
+  const n = libc.sendto(fd, body, body.byteLength, MSG_DONTWAIT | MSG_NOSIGNAL, null, 0) as number;
   if (n === -1) {
     const errno = lastErrno();
     if (errno === EAGAIN) return false;
@@ -116,6 +116,12 @@ export function bindUnix(fd: number, path: string): void {
 export function bindUnixName(fd: number, name: string): void {
   const { addr, len } = unixAddress(name);
   check(`bind(${name})`, libc.bind(fd, addr, len));
+}
+
+/** connect(2) to a path or an abstract "@name" (unixAddress). */
+export function connectUnixName(fd: number, name: string): void {
+  const { addr, len } = unixAddress(name);
+  check(`connect(${name})`, libc.connect(fd, addr, len));
 }
 
 export function listen(fd: number, backlog: number): void {
