@@ -31,11 +31,6 @@ export class SocketFile {
     private readonly log: Logger,
   ) {}
 
-  /** The listener came from the service manager, not from bind. */
-  get inherited(): boolean {
-    return this.id === null;
-  }
-
   /**
    * Takes over an inherited listener (socket activation). Only an AF_UNIX SOCK_SEQPACKET
    * socket that is listening is taken: anything else is refused with why. It is made
@@ -112,9 +107,9 @@ export class SocketFile {
   }
 
   /**
-   * Removes the path if it is still this socket's file (never an adopted listener's), then closes the socket. In that
-   * order: while the socket is bound its file's inode cannot be freed and reused, so a
-   * matching (st_dev, st_ino) really is this file.
+   * Removes the path if it is still this socket's file (never an adopted listener's), then
+   * closes the socket. In that order: while the socket is bound its file's inode cannot be
+   * freed and reused, so a matching (st_dev, st_ino) really is this file.
    */
   remove(): void {
     if (this.removed) return;
