@@ -1,4 +1,4 @@
-// VmemClient: a typed client for vmemd's socket (PROTOCOL.md). Requests carry real
+// VmemClient: a typed client for vmemd's socket (docs/protocol.md). Requests carry real
 // descriptors in their descriptor fields; the client sends them as SCM_RIGHTS and
 // writes their indices on the wire. Used by `vmemd ctl`, the tests and the benches.
 import * as sys from "../sys";
