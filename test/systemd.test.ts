@@ -89,6 +89,18 @@ function collect(stream: ReadableStream<Uint8Array>): { text: string } {
   return out;
 }
 
+/** A client, once a vmemd that binds its own socket listens there (bind comes before listen). */
+async function connectWhenListening(path: string, proc: Subprocess): Promise<VmemClient> {
+  for (let i = 0; ; i++) {
+    try {
+      return VmemClient.connect(path);
+    } catch (e) {
+      if (i > 500 || proc.exitCode !== null) throw new Error(`vmemd did not listen at ${path} (exit ${proc.exitCode}): ${e}`);
+    }
+    await Bun.sleep(10);
+  }
+}
+
 async function waitForPath(path: string, proc: Subprocess): Promise<void> {
   for (let i = 0; i < 500 && !existsSync(path); i++) {
     if (proc.exitCode !== null) throw new Error(`exited (${proc.exitCode}) before ${path} appeared`);
@@ -246,8 +258,7 @@ describe("what is passed in, checked", () => {
     const other = listener(sys.SOCK_SEQPACKET, join(dir, "other.sock"));
     const p2 = spawnWithListener(other, ["--socket", own], {}, "1");
     const err = collect(p2.stderr);
-    for (let i = 0; i < 500 && !existsSync(own); i++) await Bun.sleep(10);
-    const c2 = VmemClient.connect(own);
+    const c2 = await connectWhenListening(own, p2);
     c2.close();
     p2.kill("SIGTERM");
     expect(await p2.exited).toBe(0);
@@ -294,8 +305,7 @@ describe("a manager that is not there", () => {
       });
       children.push(proc);
       const err = collect(proc.stderr);
-      await waitForPath(path, proc);
-      const c = VmemClient.connect(path);
+      const c = await connectWhenListening(path, proc);
       expect(c.getState().slots_used).toBe(1);
       c.close();
       await Bun.sleep(300); // watchdog pings would be due by now: none may be attempted

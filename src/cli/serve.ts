@@ -151,7 +151,7 @@ export async function serve(argv: string[]): Promise<number> {
   const log = new Logger(level, format);
   const adopted = listenFds === null ? undefined : adoptListener(listenFds, socketFlag, p.flags.has("socket-mode"), readyFd, log);
   const socketPath = adopted?.path ?? socketFlag!;
-  // Before the sandbox, which refuses socket().
+  // Before the sandbox, which refuses socket() and connect().
   const notifier = Notifier.fromEnv(log);
 
   // crosvm raises RLIMIT_NOFILE for MmapAndRegisterMemory; vmemd does it once, at start.

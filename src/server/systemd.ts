@@ -32,6 +32,7 @@ export function takeListenFds(env: Record<string, string | undefined> = process.
   if (Number(pidText) !== sys.getpid()) return null;
   if (!/^\d{1,9}$/.test(fdsText)) throw new Error(`LISTEN_FDS="${fdsText}" is not a count of descriptors`);
   const n = Number(fdsText);
+  if (n === 0) return null; // sd_listen_fds' 0: nothing passed
   const names = namesText === undefined ? [] : namesText.split(":");
   const out: ListenFd[] = [];
   for (let i = 0; i < n; i++) out.push({ fd: SD_LISTEN_FDS_START + i, name: names[i] || null });
