@@ -89,7 +89,7 @@ function collect(stream: ReadableStream<Uint8Array>): { text: string } {
   return out;
 }
 
-/** A client, once a vmemd that binds its own socket listens there (bind comes before listen). */
+/** A client, once whoever binds `path` listens there (bind creates the file before listen). */
 async function connectWhenListening(path: string, proc: Subprocess): Promise<VmemClient> {
   for (let i = 0; ; i++) {
     try {
@@ -130,7 +130,7 @@ describe("socket activation through systemd-socket-activate", () => {
       expect(notify.messages).toEqual([]); // nothing runs until the first connection
 
       // The first connection starts vmemd (exec'd in place: same pid), and is served.
-      const c = VmemClient.connect(sock);
+      const c = await connectWhenListening(sock, proc);
       const { region_id } = c.registerMemory({ SharedMemory: { descriptor: memfd(4096), size: 4096 } }, { GuestPhysicalAddress: 0x2_0000_0000 });
       // READY went out before the loop took its first connection.
       await notify.waitFor((l) => l === "READY=1", "READY=1");
@@ -176,8 +176,7 @@ describe("socket activation through systemd-socket-activate", () => {
         stderr: "pipe",
       });
       children.push(proc);
-      await waitForPath(sock, proc);
-      const c = VmemClient.connect(sock);
+      const c = await connectWhenListening(sock, proc);
       expect(c.getState().slots_used).toBe(1);
       c.close();
       await notify.waitFor((l) => l === "READY=1", "READY=1");
