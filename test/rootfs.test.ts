@@ -107,14 +107,17 @@ describe("scripts/rootfs.sh", () => {
     void (async () => {
       for await (const chunk of proc.stderr) stderr += new TextDecoder().decode(chunk);
     })();
-    for (let i = 0; i < 500 && !existsSync(sock); i++) {
-      if (proc.exitCode !== null) break;
-      await Bun.sleep(10);
+    // Driven from outside: the typed client, then the ctl of this tree. (The file appears at
+    // bind, a moment before vmemd listens.)
+    let c: VmemClient | null = null;
+    for (let i = 0; i < 500 && c === null && proc.exitCode === null; i++) {
+      try {
+        c = VmemClient.connect(sock);
+      } catch {
+        await Bun.sleep(10);
+      }
     }
-    if (!existsSync(sock)) throw new Error(`vmemd did not come up in the root (exit ${proc.exitCode}): ${stderr}`);
-
-    // Driven from outside: the typed client, then the ctl of this tree.
-    const c = VmemClient.connect(sock);
+    if (c === null) throw new Error(`vmemd did not come up in the root (exit ${proc.exitCode}): ${stderr}`);
     const fd = sys.memfdCreate("rootfs-test");
     sys.ftruncate(fd, 2 << 20);
     const { region_id } = c.registerMemory({ SharedMemory: { descriptor: fd, size: 2 << 20 } }, { GuestPhysicalAddress: 0x2_0000_0000 });
