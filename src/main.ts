@@ -1,16 +1,16 @@
 #!/usr/bin/env bun
 // vmemd: a KVM memory plane served over a Unix socket. Entry point of the binary.
 import pkg from "../package.json" with { type: "json" };
-import { UsageError } from "./cli/args";
+import { ExitError, UsageError } from "./cli/args";
 
 const HELP = `vmemd ${pkg.version}: a KVM VM's memory plane, served over a Unix socket
 
 usage:
   vmemd serve --socket PATH [--memory 256M] [--pci-bar BB:DD.F/BAR=SIZE]... [options]
   vmemd ctl --socket PATH <request> [options]
-  vmemd --version | --help
+  vmemd --version | -h | --help
 
-Run "vmemd serve --help" or "vmemd ctl --help" for each command's options.
+Run "vmemd serve -h" or "vmemd ctl -h" for each command's options and exit statuses.
 The wire protocol is in docs/protocol.md.
 `;
 
@@ -41,15 +41,18 @@ async function main(argv: string[]): Promise<number> {
   }
 }
 
+/** Every error as one line, "vmemd serve: ..." or "vmemd ctl: ...", whoever threw it. */
+function errorLine(cmd: string | undefined, e: unknown): string {
+  const text = (e instanceof Error ? e.message : String(e)).replace(/\s*\n\s*/g, " ");
+  if (text.startsWith("vmemd")) return text;
+  return `${cmd === "serve" || cmd === "ctl" ? `vmemd ${cmd}` : "vmemd"}: ${text}`;
+}
+
+const argv = process.argv.slice(2);
 try {
-  process.exitCode = await main(process.argv.slice(2));
+  process.exitCode = await main(argv);
 } catch (e) {
-  if (e instanceof UsageError) {
-    process.stderr.write(`${e.message}\n`);
-    process.exitCode = 2;
-  } else {
-    process.stderr.write(`vmemd: ${e instanceof Error ? e.message : String(e)}\n`);
-    process.exitCode = 1;
-  }
+  process.stderr.write(errorLine(argv[0], e) + "\n");
+  process.exitCode = e instanceof UsageError ? 2 : e instanceof ExitError ? e.status : 1;
 }
 process.exit(process.exitCode);

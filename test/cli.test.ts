@@ -1,5 +1,9 @@
-// The binary's command line: version, help, bad flags (one line, exit 2), ctl.
+// The binary's command line as scripts use it: version, help (-h everywhere), bad flags
+// (one line, exit 2), ctl's exit statuses (1 Err, 2 usage, 3 unreachable), --timeout,
+// ioevent with an inherited eventfd.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import pkg from "../package.json" with { type: "json" };
+import * as sys from "../src/sys";
 import { BINARY, requireBinary, VmemdProcess } from "./server_harness";
 
 function run(...args: string[]) {
@@ -8,9 +12,16 @@ function run(...args: string[]) {
   return { code: r.exitCode, out: r.stdout.toString(), err: r.stderr.toString() };
 }
 
+/** run() with `fd` as the child's descriptor 3. */
+function runWithFd3(fd: number, ...args: string[]) {
+  requireBinary();
+  const r = Bun.spawnSync([BINARY, ...args], { cwd: "/", stdio: ["ignore", "pipe", "pipe", fd] });
+  return { code: r.exitCode, out: r.stdout.toString(), err: r.stderr.toString() };
+}
+
 describe("command line", () => {
   test("--version and --help, from any directory", () => {
-    expect(run("--version").out).toMatch(/^vmemd \d+\.\d+\.\d+\n$/);
+    expect(run("--version").out).toBe(`vmemd ${pkg.version}\n`);
     const help = run("--help");
     expect(help.code).toBe(0);
     expect(help.out).toContain("vmemd serve --socket PATH");
@@ -35,6 +46,75 @@ describe("command line", () => {
       const r = run(...args);
       expect({ args, code: r.code }).toEqual({ args, code: 2 });
       expect(r.err.trim().split("\n").length).toBe(1);
+      // One style: the command that refused, then why.
+      const prefix = args[0] === "serve" || args[0] === "ctl" ? `vmemd ${args[0]}` : "vmemd:";
+      expect({ args, err: r.err }).toEqual({ args, err: expect.stringMatching(new RegExp(`^${prefix}`)) });
+    }
+  });
+
+  test("-h everywhere: vmemd, serve, ctl, and ctl REQUEST", () => {
+    for (const args of [["-h"], ["serve", "-h"], ["ctl", "-h"], ["ctl", "--socket", "/x", "state", "-h"], ["ctl", "register", "-h"]]) {
+      const r = run(...args);
+      expect({ args, code: r.code, err: r.err }).toEqual({ args, code: 0, err: "" });
+    }
+    expect(run("-h").out).toBe(run("--help").out);
+    expect(run("serve", "-h").out).toBe(run("serve", "--help").out);
+    const one = run("ctl", "register", "-h").out;
+    expect(one).toContain("RegisterMemory");
+    expect(one).not.toContain("UnregisterMemory");
+    expect(one).toContain("--timeout SECONDS");
+    expect(one).toContain("exit status:");
+    expect(run("ctl", "frob", "-h").code).toBe(2);
+  });
+
+  test("help states the exit statuses", () => {
+    const ctl = run("ctl", "--help").out;
+    for (const line of [/^  0  vmemd answered the request with success$/m, /^  1  vmemd answered Err/m, /^  2  usage/m, /^  3  vmemd could not be reached or did not answer/m]) {
+      expect(ctl).toMatch(line);
+    }
+    const serve = run("serve", "--help").out;
+    expect(serve).toMatch(/^  3 \+ V  the guest wrote V to port 0xF4/m);
+    expect(serve).toMatch(/^  2      usage error$/m);
+  });
+
+  test("flags a request does not take are refused, not ignored", () => {
+    for (const [args, message] of [
+      [["state", "--shm", "4K"], /^vmemd ctl state: --shm does not apply \(state takes --json, --all\)$/],
+      [["unregister", "5", "--json"], /^vmemd ctl unregister: --json does not apply \(unregister takes no flags\)$/],
+      [["register", "--shm", "4K", "--gpa", "0x200000000", "--offset", "4K"], /^vmemd ctl register: --offset applies only with --file$/],
+      [["register", "--shm", "4K", "--gpa", "0x200000000", "--bar-offset", "4K"], /^vmemd ctl register: --bar-offset applies only with --bar$/],
+      [["ioevent", "--addr", "0xe0000000", "--shm", "4K"], /^vmemd ctl ioevent: --shm does not apply/],
+      [["ioevent", "--addr", "0xe0000000", "--eventfd-from", "0"], /^vmemd ctl: --eventfd-from: descriptor 0 is not an eventfd/],
+      [["ioevent", "--addr", "0xe0000000", "--eventfd-from", "77"], /^vmemd ctl: --eventfd-from: descriptor 77 is not open/],
+      [["register", "--file", "/nonexistent/file", "--gpa", "0x200000000"], /^vmemd ctl: --file: cannot open \/nonexistent\/file: ENOENT$/],
+      [["state", "--timeout", "soon"], /^vmemd ctl: --timeout: "soon" is not a number of seconds/],
+      [["state", "--timeout", "0"], /^vmemd ctl: --timeout: "0" is not a number of seconds/],
+    ] as [string[], RegExp][]) {
+      // No server at the socket: a usage error is found before any connect.
+      const r = run("ctl", "--socket", "/nonexistent/vmemd.sock", ...args);
+      expect({ args, code: r.code }).toEqual({ args, code: 2 });
+      expect({ args, err: r.err.trimEnd() }).toEqual({ args, err: expect.stringMatching(message) });
+    }
+  });
+
+  test("no vmemd to talk to is exit 3, one line", async () => {
+    const { mkdtempSync, rmSync } = await import("node:fs");
+    const dir = mkdtempSync("/tmp/vmemd-noserver-");
+    try {
+      // A socket file nobody listens on: bound, never listening.
+      const fd = sys.unixSocket(sys.SOCK_SEQPACKET, false);
+      sys.bindUnix(fd, `${dir}/stale.sock`);
+      for (const [path, message] of [
+        [`${dir}/missing.sock`, /^vmemd ctl: cannot connect to \S+missing\.sock: No such file or directory \(ENOENT\)$/],
+        [`${dir}/stale.sock`, /^vmemd ctl: cannot connect to \S+stale\.sock: Connection refused \(ECONNREFUSED\)$/],
+      ] as [string, RegExp][]) {
+        const r = run("ctl", "--socket", path, "state");
+        expect({ path, code: r.code, out: r.out }).toEqual({ path, code: 3, out: "" });
+        expect(r.err.trimEnd()).toMatch(message);
+      }
+      sys.close(fd);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
     }
   });
 });
@@ -123,7 +203,37 @@ describe("--ready-fd", () => {
     for (const redirect of ["3</dev/null", ""]) {
       const r = Bun.spawnSync(["sh", "-c", `exec "$0" serve --socket "$1" --memory 16M --ready-fd 3 ${redirect}`, BINARY, `${sock}.x`], { stderr: "pipe" });
       expect(r.exitCode).toBe(2);
-      expect(r.stderr.toString()).toMatch(/^--ready-fd: .*\n$/);
+      expect(r.stderr.toString()).toMatch(/^vmemd serve: --ready-fd: .*\n$/);
+    }
+  });
+});
+
+describe("ctl against a server that does not answer", () => {
+  test("--timeout: a stopped vmemd is exit 3 once the time is up", async () => {
+    const s = await VmemdProcess.start(["--memory", "16M"]);
+    try {
+      process.kill(s.pid, "SIGSTOP");
+      const t0 = performance.now();
+      const r = run("ctl", "--socket", s.socket, "--timeout", "0.3", "state");
+      const took = performance.now() - t0;
+      expect(r.code).toBe(3);
+      expect(r.err).toBe(`vmemd ctl: no answer from vmemd at ${s.socket} within 0.3 s\n`);
+      expect(took).toBeGreaterThanOrEqual(300);
+      expect(took).toBeLessThan(3000);
+    } finally {
+      process.kill(s.pid, "SIGCONT");
+      expect(await s.stop()).toBe(0);
+    }
+  });
+
+  test("a vmemd that closes the connection (--allow-uid refuses us) is exit 3", async () => {
+    const s = await VmemdProcess.start(["--memory", "16M", "--allow-uid", "4242"]);
+    try {
+      const r = run("ctl", "--socket", s.socket, "state");
+      expect(r.code).toBe(3);
+      expect(r.err).toMatch(/^vmemd ctl: vmemd at \S+ closed the connection \((EPIPE|ECONNRESET)\)\n$/);
+    } finally {
+      expect(await s.stop()).toBe(0);
     }
   });
 });
@@ -161,6 +271,28 @@ describe("ctl against a running server", () => {
     const counts = [...s.stderr.matchAll(/client disconnected conn=\d+ requests=(\d+)/g)].map((m) => Number(m[1]));
     expect(counts.length).toBeGreaterThanOrEqual(10);
     expect(counts.slice(1).every((n) => n === 1)).toBe(true);
+  });
+
+  test("the ready line carries the version", () => {
+    expect(s.stderr).toContain(`vmemd ready version=${pkg.version} socket=${s.socket}`);
+  });
+
+  test("ioevent --eventfd-from: what one ctl registered, another unregisters", () => {
+    const ev = sys.eventfd();
+    try {
+      const args = ["ctl", "--socket", s.socket, "ioevent", "--addr", "0xe0001000", "--match", "u32=7"];
+      expect(runWithFd3(ev, ...args, "--eventfd-from", "3").code).toBe(0);
+      // A new eventfd is not the registered one: KVM finds nothing to remove.
+      const other = run(...args, "--unregister");
+      expect(other.code).toBe(1);
+      expect(JSON.parse(other.out).Err.errno).toBe(sys.Errno.ENOENT);
+      const same = runWithFd3(ev, ...args, "--unregister", "--eventfd-from", "3");
+      expect({ code: same.code, out: same.out }).toEqual({ code: 0, out: '"Ok"\n' });
+      // Gone: unregistering again is an Err.
+      expect(runWithFd3(ev, ...args, "--unregister", "--eventfd-from", "3").code).toBe(1);
+    } finally {
+      sys.close(ev);
+    }
   });
 });
 

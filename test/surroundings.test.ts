@@ -352,7 +352,7 @@ describe("--ready-fd", () => {
     for (const n of [3, 4, 7]) {
       const r = Bun.spawnSync([BINARY, "serve", "--socket", "/nonexistent/x.sock", "--ready-fd", String(n)], { stdio: ["ignore", "ignore", "pipe"] });
       expect({ n, code: r.exitCode }).toEqual({ n, code: 2 });
-      expect(r.stderr.toString()).toMatch(/^--ready-fd: .*\n$/);
+      expect(r.stderr.toString()).toMatch(/^vmemd serve: --ready-fd: .*\n$/);
     }
   });
 });

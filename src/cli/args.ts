@@ -1,9 +1,20 @@
 // Command-line parsing: flags, sizes with K/M/G, PCI BAR specs. A bad flag is a
-// UsageError: one clear line and exit status 2.
+// UsageError: one clear line and exit status 2. "-h" is "--help" wherever --help is.
 import type { Alloc } from "../protocol";
 
 export class UsageError extends Error {
   override name = "UsageError";
+}
+
+/** A failure that ends the command with its own exit status (ctl: 3, vmemd could not be reached). */
+export class ExitError extends Error {
+  override name = "ExitError";
+  constructor(
+    message: string,
+    readonly status: number,
+  ) {
+    super(message);
+  }
 }
 
 export interface FlagSpec {
@@ -26,7 +37,11 @@ export function parseFlags(argv: string[], spec: Record<string, FlagSpec>, comma
       positional.push(...argv.slice(i + 1));
       break;
     }
-    if (!arg.startsWith("--") || arg === "--") {
+    if (arg === "-h" && spec.help !== undefined) {
+      flags.set("help", ["true"]);
+      continue;
+    }
+    if (!arg.startsWith("--")) {
       positional.push(arg);
       continue;
     }

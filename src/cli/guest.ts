@@ -32,6 +32,15 @@ function writeAll(fd: number, bytes: Uint8Array): boolean {
   return true;
 }
 
+/**
+ * vmemd's exit status for the byte a guest wrote to port 0xF4: 3 + value, capped at 125,
+ * so it is never 0, 1 or 2 (vmemd's own: stopped, failed, usage) nor in the range shells
+ * report for commands not run (126, 127) or killed by a signal (128 and up).
+ */
+export function guestExitStatus(value: number): number {
+  return 3 + Math.min(value, 122);
+}
+
 /** What runs: a boot-contract image (--guest), or a Linux kernel (--kernel, --initrd, --cmdline). */
 export type GuestBoot = { guestPath: string } | { kernelPath: string; initrdPath?: string; cmdline: string };
 
@@ -82,7 +91,7 @@ export function attachGuest(vm: KvmVm, server: Server, opts: GuestBoot & { seria
           log.info("vcpu running", { guest: name, boot_ms: Math.round(performance.now() - vcpu.startedAt) });
         }
       },
-      onExitRequest: (status: number) => server.stop(`guest requested exit (status ${status})`, status),
+      onExitRequest: (value: number) => server.stop(`guest requested exit (value ${value})`, guestExitStatus(value)),
     };
     vcpu = linux === null ? Vcpu.start(vm, image, vcpuOpts) : Vcpu.startLinux(vm, linux, vcpuOpts);
   } catch (e) {

@@ -1,8 +1,11 @@
 // `vmemd serve`: create the VM, listen, serve until SIGTERM/SIGINT.
+import { resolve } from "node:path";
+import pkg from "../../package.json" with { type: "json" };
 import * as sys from "../sys";
 import { KvmVm } from "../kvm";
 import { RegionState, Refusal, SystemAllocator, describeAlloc, type ExecContext } from "../memory";
-import { DEFAULT_BUDGETS, DEFAULT_SERVER_OPTIONS, descriptorsNeeded, Logger, mappingBudget, Server, type LogFormat, type LogLevel } from "../server";
+import { DEFAULT_BUDGETS, DEFAULT_SERVER_OPTIONS, descriptorsNeeded, Logger, mappingBudget, Notifier, Server, takeListenFds, type ListenFd, type LogFormat, type LogLevel } from "../server";
+import { SocketFile } from "../server/socket_file";
 import { flag, parseFlags, parseNumber, parsePciBarSize, parseSize, UsageError } from "./args";
 import type { GuestHandle } from "./guest";
 import type { CpuidBit } from "../kvm/vcpu";
@@ -16,7 +19,9 @@ export const SERVE_HELP = `usage: vmemd serve --socket PATH [options]
 Creates a KVM virtual machine and serves its memory plane on PATH.
 
   --socket PATH             Unix socket to listen on (SOCK_SEQPACKET); a stale socket there is
-                            replaced, anything else refused
+                            replaced, anything else refused. Optional when a service manager
+                            passes the listening socket in (LISTEN_FDS); if given, it must be
+                            that socket's path
   --memory SIZE             guest RAM (default 256M); K/M/G suffixes
   --prefault                touch all guest RAM at start rather than on the guest's first touch
   --pci-bar BB:DD.F/BAR=SIZE
@@ -57,6 +62,19 @@ Creates a KVM virtual machine and serves its memory plane on PATH.
   --log-level LEVEL         debug, info, warn, error (default info)
   --log-format FORMAT       text or json (default text)
   --no-sandbox              serve without the seccomp filter and capability drop (docs/security.md)
+  -h, --help                this text
+
+Under systemd (contrib/systemd): a listening socket passed in by socket activation
+(LISTEN_FDS, LISTEN_PID) is served as it is, never unlinked; with NOTIFY_SOCKET set,
+vmemd sends READY=1 once it serves, STATUS= with its live counts, WATCHDOG=1 at half of
+WATCHDOG_USEC, and STOPPING=1 as it shuts down.
+
+exit status:
+  0      stopped cleanly (SIGTERM, SIGINT, or the parent gone with --die-with-parent)
+  1      failed (at start, or while serving)
+  2      usage error
+  3 + V  the guest wrote V to port 0xF4 (V up to 122; any larger V gives 125), so a guest's
+         status never reads as one of vmemd's own (docs/boot.md)
 `;
 
 const SPEC = {
@@ -94,6 +112,8 @@ const SPEC = {
 
 export async function serve(argv: string[]): Promise<number> {
   const parentAtStart = sys.getppid();
+  // First, as sd_listen_fds does: the variables are unset whatever follows.
+  const listenFds = takeListenFds();
   const p = parseFlags(argv, SPEC, "vmemd serve");
   if (p.flags.has("help")) {
     process.stdout.write(SERVE_HELP);
@@ -107,8 +127,8 @@ export async function serve(argv: string[]): Promise<number> {
   for (const f of ["initrd", "cmdline"]) {
     if (flag(p, f) !== undefined && flag(p, "kernel") === undefined) throw new UsageError(`vmemd serve: --${f} applies to --kernel only`);
   }
-  const socketPath = flag(p, "socket");
-  if (socketPath === undefined) throw new UsageError("vmemd serve: --socket PATH is required");
+  const socketFlag = flag(p, "socket");
+  if (socketFlag === undefined && listenFds === null) throw new UsageError("vmemd serve: --socket PATH is required (unless a service manager passes the socket in)");
   const memory = parseSize(flag(p, "memory") ?? "256M", "--memory");
   if (memory < 1 << 20 || memory % 4096 !== 0) throw new UsageError(`--memory: ${memory} must be a multiple of 4K and at least 1M`);
   const modeText = flag(p, "socket-mode") ?? "0600";
@@ -160,6 +180,10 @@ export async function serve(argv: string[]): Promise<number> {
     }
   }
   const log = new Logger(level, format);
+  const adopted = listenFds === null ? undefined : adoptListener(listenFds, socketFlag, p.flags.has("socket-mode"), readyFd, log);
+  const socketPath = adopted?.path ?? socketFlag!;
+  // Before the sandbox, which refuses socket() and connect().
+  const notifier = Notifier.fromEnv(log);
 
   // crosvm raises RLIMIT_NOFILE for MmapAndRegisterMemory; vmemd does it once, at start.
   const nofile = sys.getrlimit(sys.RLIMIT_NOFILE);
@@ -175,8 +199,13 @@ export async function serve(argv: string[]): Promise<number> {
       log.info("allocated PCI BAR", { bar: describeAlloc(b.alloc), start: "0x" + a.start.toString(16), size: a.size });
     }
     const ctx: ExecContext = { vm, allocator, state: new RegionState(), vcpu: () => guest?.summary() ?? null };
+    const status = () =>
+      `${plural(server.connectionCount, "connection")}, ${plural(ctx.state.regions.size, "region")}, ${vm.slotsUsed()}/${vm.slotsMax} slots`;
     const serverOpts = {
       socketPath,
+      adopted,
+      onTurn: notifier === null ? undefined : () => notifier.turn(status),
+      onShutdown: (reason: string) => notifier?.stopping(reason),
       socketMode: parseInt(modeText, 8),
       maxConnections: count("max-connections", DEFAULT_SERVER_OPTIONS.maxConnections),
       maxFileMappings: count("max-file-mappings", DEFAULT_SERVER_OPTIONS.maxFileMappings),
@@ -228,8 +257,11 @@ export async function serve(argv: string[]): Promise<number> {
     server.listen();
     if (!p.flags.has("no-sandbox")) enterSandbox(log);
     if (readyFd !== -1) notifyReady(readyFd, log);
+    notifier?.ready(status());
     log.info("vmemd ready", {
+      version: pkg.version,
       socket: socketPath,
+      ...(adopted ? { activated: true } : {}),
       memory,
       phys_bits: vm.physAddrBits,
       slots_max: vm.slotsMax,
@@ -241,6 +273,7 @@ export async function serve(argv: string[]): Promise<number> {
     // After the loop has returned: stop() closes the eventfd the loop was watching.
     await guest?.stop();
     vm.close();
+    notifier?.close();
   }
 }
 
@@ -249,6 +282,33 @@ function parseCpuidBit(text: string): CpuidBit {
   const m = /^(0x[0-9a-f]+|\d+):(eax|ebx|ecx|edx):(\d+)$/i.exec(text);
   if (!m || Number(m[3]) > 31) throw new UsageError(`--cpuid-clear: "${text}" is not LEAF:REG:BIT (e.g. 1:ecx:13)`);
   return { leaf: Number(m[1]), reg: m[2]!.toLowerCase() as CpuidBit["reg"], bit: Number(m[3]) };
+}
+
+function plural(n: number, word: string): string {
+  return `${n} ${word}${n === 1 ? "" : "s"}`;
+}
+
+/**
+ * The one listener a service manager passed (socket activation), checked and adopted.
+ * --socket, when given, must name it; --socket-mode has no say over a socket vmemd did not
+ * create (the socket unit's SocketMode= does).
+ */
+function adoptListener(fds: ListenFd[], socketFlag: string | undefined, modeGiven: boolean, readyFd: number, log: Logger): SocketFile {
+  if (fds.length !== 1) {
+    const names = fds.map((f) => `${f.fd}${f.name ? ` (${f.name})` : ""}`).join(", ");
+    throw new UsageError(`vmemd serve: the service manager passed ${fds.length} descriptors (${names}); vmemd serves exactly one listening socket`);
+  }
+  const fd = fds[0]!.fd;
+  if (modeGiven) throw new UsageError("vmemd serve: --socket-mode does not apply to a socket the service manager passed in (set SocketMode= in its socket unit)");
+  if (readyFd === fd) throw new UsageError(`vmemd serve: --ready-fd ${readyFd} is the listening socket the service manager passed in`);
+  const adopted = SocketFile.adopt(fd, log);
+  // Abstract names ("@name") compare as they are; paths after resolving a relative one.
+  const same = (a: string, b: string) => (a.startsWith("@") || b.startsWith("@") ? a === b : resolve(a) === resolve(b));
+  if (socketFlag !== undefined && !same(socketFlag, adopted.path)) {
+    adopted.remove(); // closes it; the file is the manager's
+    throw new UsageError(`vmemd serve: --socket ${socketFlag} is not the socket the service manager passed in (${adopted.path || "unnamed"})`);
+  }
+  return adopted;
 }
 
 /**

@@ -1,4 +1,4 @@
-// VmemClient: a typed client for vmemd's socket (PROTOCOL.md). Requests carry real
+// VmemClient: a typed client for vmemd's socket (docs/protocol.md). Requests carry real
 // descriptors in their descriptor fields; the client sends them as SCM_RIGHTS and
 // writes their indices on the wire. Used by `vmemd ctl`, the tests and the benches.
 import * as sys from "../sys";
@@ -64,6 +64,8 @@ export class VmemClient {
   private closed = false;
   /** Requests sent whose responses have not been read yet. */
   inFlight = 0;
+  /** How long a send or receive waits when the call names no timeout, in ms (vmemd ctl --timeout). */
+  timeoutMs = 30_000;
 
   /** The SO_RCVTIMEO in force, in ms (0: none, the kernel's default: wait for ever). */
   private recvTimeoutMs = 0;
@@ -91,7 +93,7 @@ export class VmemClient {
   }
 
   /** Sends one packet, waiting while the socket is full. */
-  sendPacket(p: Packet, timeoutMs = 30_000): void {
+  sendPacket(p: Packet, timeoutMs = this.timeoutMs): void {
     while (!this.io.send(this.fd, p.body, p.fds)) this.wait(sys.POLLOUT, timeoutMs);
     this.inFlight++;
   }
@@ -116,7 +118,7 @@ export class VmemClient {
    * Reads one response, waiting for it in recvmsg (SO_RCVTIMEO bounds the wait). A timeout
    * of 0 only looks; a negative or infinite one waits for ever.
    */
-  recv(timeoutMs = 30_000): VmMemoryResponse {
+  recv(timeoutMs = this.timeoutMs): VmMemoryResponse {
     if (Number.isNaN(timeoutMs)) throw new RangeError("recv: the timeout is NaN");
     if (timeoutMs === 0) {
       const r = this.tryRecv();

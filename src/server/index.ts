@@ -1,3 +1,4 @@
 export * from "./log";
 export * from "./server";
 export * from "./ledger";
+export * from "./systemd";

@@ -1,5 +1,6 @@
 // Logs: one line per event on stderr, written with write(2) so a line is never
-// held back while the main thread sits in epoll_wait (BUN_NOTES.md).
+// held back while the main thread sits in epoll_wait (Bun's own stream writes wait for its
+// event loop, which does not turn then).
 import * as sys from "../sys";
 
 export type LogLevel = "debug" | "info" | "warn" | "error";

@@ -21,6 +21,12 @@ export interface ServerOptions extends RequestLimits {
   /** Remove a connection's regions and ioevents when it disconnects (crosvm does not). */
   releaseOnDisconnect: boolean;
   log: Logger;
+  /** A listener passed in by the service manager (SocketFile.adopt), used instead of binding socketPath. */
+  adopted?: SocketFile;
+  /** Runs each time the loop lets Bun's event loop turn: every tick (100 ms) at least. */
+  onTurn?: () => void;
+  /** Runs once as shutdown begins, before the clients are closed. */
+  onShutdown?: (reason: string) => void;
 }
 
 export const DEFAULT_SERVER_OPTIONS = {
@@ -102,9 +108,12 @@ export class Server {
     return this.conns.size;
   }
 
-  /** Binds the socket: a stale socket file is replaced; anything else at the path is an error (socket_file.ts). */
+  /**
+   * Binds the socket: a stale socket file is replaced; anything else at the path is an error
+   * (socket_file.ts). An adopted listener is used as it is.
+   */
   listen(): void {
-    this.socketFile = SocketFile.bind(this.opts.socketPath, this.opts.socketMode, this.opts.log);
+    this.socketFile = this.opts.adopted ?? SocketFile.bind(this.opts.socketPath, this.opts.socketMode, this.opts.log);
     this.listener = this.socketFile.fd;
     this.epoll.add(this.listener, sys.EPOLLIN);
     this.reserveFd = openReserve();
@@ -137,6 +146,7 @@ export class Server {
       this.epoll.add(tick.fd, sys.EPOLLIN);
       while (!this.stopping) {
         this.serveUntilTurn(tick);
+        this.opts.onTurn?.();
         await new Promise((r) => setImmediate(r));
       }
     } finally {
@@ -384,8 +394,9 @@ export class Server {
 
   private shutdown(): void {
     this.opts.log.info("shutting down", { reason: this.stopReason, clients: this.conns.size });
+    this.opts.onShutdown?.(this.stopReason);
     for (const conn of [...this.conns.values()]) this.disconnect(conn);
-    // Removes the path only if it is still our socket's file, then closes the listener.
+    // Removes the path only if it is still our socket's file (never an adopted one's), then closes the listener.
     this.socketFile?.remove();
     this.socketFile = null;
     this.listener = -1;

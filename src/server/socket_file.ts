@@ -1,6 +1,8 @@
 // The listening socket's file, for a server that runs as root in directories others may
 // write to: it is created with its final mode, it replaces nothing but a dead socket, and
-// at the end it is removed only if the path still names the file vmemd created.
+// at the end it is removed only if the path still names the file vmemd created. A
+// listener handed over by a service manager (socket activation) is adopted instead: its
+// file belongs to the manager, so vmemd neither creates nor removes it.
 import * as sys from "../sys";
 import type { Logger } from "./log";
 
@@ -24,9 +26,39 @@ export class SocketFile {
     readonly path: string,
     /** The listening SOCK_SEQPACKET socket, non-blocking. */
     readonly fd: number,
-    private readonly id: sys.FileId,
+    /** The file vmemd created at bind; null for an adopted listener (not vmemd's to remove). */
+    private readonly id: sys.FileId | null,
     private readonly log: Logger,
   ) {}
+
+  /**
+   * Takes over an inherited listener (socket activation). Only an AF_UNIX SOCK_SEQPACKET
+   * socket that is listening is taken: anything else is refused with why. It is made
+   * non-blocking and close-on-exec; its path is what it is bound to.
+   */
+  static adopt(fd: number, log: Logger): SocketFile {
+    const what = `descriptor ${fd} passed by the service manager`;
+    let domain: number;
+    try {
+      domain = sys.socketOption(fd, sys.SO_DOMAIN, "SO_DOMAIN");
+    } catch (e) {
+      if (e instanceof sys.SysError && (e.errno === sys.Errno.ENOTSOCK || e.errno === sys.Errno.EBADF)) {
+        throw new sys.SysError(`${what} is not a socket`, e.errno);
+      }
+      throw e;
+    }
+    if (domain !== sys.AF_UNIX) throw new sys.SysError(`${what} is not an AF_UNIX socket (domain ${domain})`, sys.Errno.EINVAL);
+    const type = sys.socketOption(fd, sys.SO_TYPE, "SO_TYPE");
+    if (type !== sys.SOCK_SEQPACKET) {
+      throw new sys.SysError(`${what} is not SOCK_SEQPACKET (type ${type}; ListenSequentialPacket= makes one)`, sys.Errno.EPROTOTYPE);
+    }
+    if (sys.socketOption(fd, sys.SO_ACCEPTCONN, "SO_ACCEPTCONN") !== 1) {
+      throw new sys.SysError(`${what} is not listening (a socket unit with Accept=yes passes connections, not the listener)`, sys.Errno.EINVAL);
+    }
+    sys.fcntl(fd, sys.F_SETFD, sys.FD_CLOEXEC);
+    sys.setNonblocking(fd, true);
+    return new SocketFile(sys.unixSocketName(fd), fd, null, log);
+  }
 
   /**
    * Binds and listens at `path`, creating the file with `mode`. An existing non-socket is
@@ -75,14 +107,15 @@ export class SocketFile {
   }
 
   /**
-   * Removes the path if it is still this socket's file, then closes the socket. In that
-   * order: while the socket is bound its file's inode cannot be freed and reused, so a
-   * matching (st_dev, st_ino) really is this file.
+   * Removes the path if it is still this socket's file (never an adopted listener's), then
+   * closes the socket. In that order: while the socket is bound its file's inode cannot be
+   * freed and reused, so a matching (st_dev, st_ino) really is this file.
    */
   remove(): void {
     if (this.removed) return;
     this.removed = true;
     try {
+      if (this.id === null) return; // adopted: the file stays for the manager's next start
       const now = sys.lstatId(this.path);
       if (now === null) this.log.warn("the socket file was already removed", { path: this.path });
       else if (!sameFile(now, this.id)) this.log.warn("the socket path now names another file; leaving it", { path: this.path });

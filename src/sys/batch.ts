@@ -1,5 +1,5 @@
 // recvmmsg/sendmmsg: the server reads every ready packet of a connection and sends
-// every response of a wake-up in one system call each (issue 5: batch what can be batched).
+// every response of a wake-up in one system call each.
 import { ptr, type Pointer } from "bun:ffi";
 import { libc } from "./libc";
 import { lastErrno, SysError } from "./error";

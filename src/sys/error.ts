@@ -45,7 +45,7 @@ export class SysError extends Error {
   }
 }
 
-// Test-only fault injection (issue 6): `injectFault("mmap", ENOMEM)` makes the
+// Test-only fault injection: `injectFault("mmap", ENOMEM)` makes the
 // next matching call fail without reaching the kernel. One boolean check when unused.
 let faults: Map<string, { errno: number; remaining: number; skip: number }> | null = null;
 

@@ -16,6 +16,7 @@ export const MFD_ALLOW_SEALING = 2;
 export const EFD_NONBLOCK = 0o4000;
 export const EFD_CLOEXEC = 0o2000000;
 export const F_GETFD = 1;
+export const F_SETFD = 2;
 export const F_GETFL = 3;
 export const F_SETFL = 4;
 export const F_ADD_SEALS = 1033;
@@ -196,6 +197,12 @@ const PR_SET_PDEATHSIG = 1; // linux/prctl.h
 export function dieWithParent(signal: number, expectedParent: number): void {
   check("prctl(PR_SET_PDEATHSIG)", libc.prctl(PR_SET_PDEATHSIG, signal, 0, 0, 0));
   if (libc.getppid() !== expectedParent) process.kill(process.pid, signal);
+}
+
+/** unsetenv(3), and the runtime's copy (process.env) with it: children would see neither. */
+export function unsetEnv(name: string): void {
+  check(`unsetenv(${name})`, libc.unsetenv(cstr(name)));
+  delete process.env[name];
 }
 
 export function getppid(): number {

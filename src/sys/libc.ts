@@ -1,5 +1,5 @@
 // The one dlopen of libc. Every other file in src/sys calls through `libc`;
-// nothing outside src/sys imports bun:ffi (DESIGN.md, layers).
+// nothing outside src/sys imports bun:ffi (README.md, Layout).
 import { dlopen, FFIType } from "bun:ffi";
 
 const { i32, u32, u64, i64_fast, ptr } = FFIType;
@@ -12,7 +12,7 @@ export const libc = dlopen("libc.so.6", {
   write: { args: [i32, ptr, u64], returns: i64_fast },
   pwrite: { args: [i32, ptr, u64, u64], returns: i64_fast },
   // Variadic in C; declaring the third argument as a pointer-sized value lets
-  // the same symbol take a struct pointer or a plain integer (BUN_NOTES.md).
+  // the same symbol take a struct pointer or a plain integer (a number passes as the raw value).
   ioctl: { args: [i32, u64, ptr], returns: i32 },
   fcntl: { args: [i32, i32, u64], returns: i32 },
   // i64_fast: MAP_FAILED comes back as the number -1 and addresses (below 2^47) as numbers,
@@ -40,6 +40,8 @@ export const libc = dlopen("libc.so.6", {
   connect: { args: [i32, ptr, u32], returns: i32 },
   recvmsg: { args: [i32, ptr, i32], returns: i64_fast },
   sendmsg: { args: [i32, ptr, i32], returns: i64_fast },
+  sendto: { args: [i32, ptr, u64, i32, ptr, u32], returns: i64_fast },
+  getsockname: { args: [i32, ptr, ptr], returns: i32 },
   recvmmsg: { args: [i32, ptr, u32, i32, ptr], returns: i32 },
   sendmmsg: { args: [i32, ptr, u32, i32], returns: i32 },
   getsockopt: { args: [i32, i32, i32, ptr, ptr], returns: i32 },
@@ -52,6 +54,7 @@ export const libc = dlopen("libc.so.6", {
   epoll_wait: { args: [i32, ptr, i32, i32], returns: i32 },
   getpid: { args: [], returns: i32 },
   getppid: { args: [], returns: i32 },
+  unsetenv: { args: [ptr], returns: i32 },
   prctl: { args: [i32, u64, u64, u64, u64], returns: i32 },
   capset: { args: [ptr, ptr], returns: i32 },
   // Variadic; for seccomp(2), which glibc 2.36 does not wrap.

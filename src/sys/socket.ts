@@ -5,7 +5,7 @@ import { check, checkFault, lastErrno, SysError } from "./error";
 import { close } from "./fd";
 import { getU64, setU64 } from "./u64";
 
-// bits/socket.h, bits/socket_type.h, sys/socket.h, sys/poll.h
+// bits/socket.h, bits/socket_type.h, sys/socket.h, asm-generic/socket.h, sys/poll.h
 export const AF_UNIX = 1;
 export const SOCK_STREAM = 1;
 export const SOCK_DGRAM = 2;
@@ -13,7 +13,10 @@ export const SOCK_SEQPACKET = 5;
 export const SOCK_NONBLOCK = 0o4000;
 export const SOCK_CLOEXEC = 0o2000000;
 export const SOL_SOCKET = 1;
+export const SO_TYPE = 3;
 export const SO_ERROR = 4;
+export const SO_ACCEPTCONN = 30;
+export const SO_DOMAIN = 39;
 export const SO_PEERCRED = 17;
 export const SO_SNDBUF = 7;
 export const SO_RCVBUF = 8;
@@ -47,6 +50,57 @@ function sockaddrUn(path: string): Buffer {
   return sa;
 }
 
+/**
+ * A sockaddr_un and its length for a path, or for an abstract name written "@name" (as
+ * systemd writes NOTIFY_SOCKET): a leading NUL, and the length covers the name only.
+ */
+export function unixAddress(name: string): { addr: Buffer; len: number } {
+  const abstract = name.startsWith("@");
+  const bytes = Buffer.from(abstract ? name.slice(1) : name);
+  if (bytes.length + 1 > 108) throw new SysError(`socket address too long (${name})`, 36 /* ENAMETOOLONG */);
+  const addr = Buffer.alloc(110);
+  addr.writeUInt16LE(AF_UNIX, 0);
+  bytes.copy(addr, abstract ? 3 : 2);
+  return { addr, len: 2 + 1 + bytes.length };
+}
+
+/** getsockopt(2) of an int option at SOL_SOCKET (SO_TYPE, SO_DOMAIN, SO_ACCEPTCONN...). */
+export function socketOption(fd: number, option: number, name: string): number {
+  const v = new Int32Array(1);
+  const len = new Uint32Array([4]);
+  check(`getsockopt(${name})`, libc.getsockopt(fd, SOL_SOCKET, option, v, len));
+  return v[0]!;
+}
+
+/**
+ * The address an AF_UNIX socket is bound to (getsockname): its path, "@name" for an
+ * abstract name, "" when unbound.
+ */
+export function unixSocketName(fd: number): string {
+  const sa = Buffer.alloc(110);
+  const len = new Uint32Array([110]);
+  check("getsockname", libc.getsockname(fd, sa, len));
+  const n = Math.min(len[0]!, 110);
+  if (n <= 2) return "";
+  if (sa[2] === 0) return "@" + sa.subarray(3, n).toString();
+  const end = sa.indexOf(0, 2);
+  return sa.subarray(2, end === -1 || end > n ? n : end).toString();
+}
+
+/**
+ * One datagram on a connected datagram socket without waiting: true when sent, false when
+ * the receiver's queue is full (EAGAIN). Other failures (the receiver gone: ECONNREFUSED) throw.
+ */
+export function sendDatagram(fd: number, body: Uint8Array): boolean {
+  const n = libc.sendto(fd, body, body.byteLength, MSG_DONTWAIT | MSG_NOSIGNAL, null, 0) as number;
+  if (n === -1) {
+    const errno = lastErrno();
+    if (errno === EAGAIN) return false;
+    throw new SysError("sendto", errno);
+  }
+  return true;
+}
+
 /** An AF_UNIX socket of `type` (SOCK_SEQPACKET, SOCK_STREAM, SOCK_DGRAM), close-on-exec. */
 export function unixSocket(type: number, nonblocking: boolean): number {
   checkFault("socket");
@@ -56,6 +110,18 @@ export function unixSocket(type: number, nonblocking: boolean): number {
 /** bind(2) to a path: creates the socket file (mode: the socket's, less the umask). */
 export function bindUnix(fd: number, path: string): void {
   check(`bind(${path})`, libc.bind(fd, sockaddrUn(path), 2 + Buffer.byteLength(path) + 1));
+}
+
+/** bind(2) to a path or an abstract "@name" (unixAddress). */
+export function bindUnixName(fd: number, name: string): void {
+  const { addr, len } = unixAddress(name);
+  check(`bind(${name})`, libc.bind(fd, addr, len));
+}
+
+/** connect(2) to a path or an abstract "@name" (unixAddress). */
+export function connectUnixName(fd: number, name: string): void {
+  const { addr, len } = unixAddress(name);
+  check(`connect(${name})`, libc.connect(fd, addr, len));
 }
 
 export function listen(fd: number, backlog: number): void {
