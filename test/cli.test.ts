@@ -308,3 +308,30 @@ describe("--prefault", () => {
     }
   });
 });
+
+describe("ctl and the device plane", () => {
+  test("guest-memory, irqfd and ioevent-pio; what one ctl registered another unregisters (--eventfd-from)", async () => {
+    const s = await VmemdProcess.start(["--memory", "16M", "--share-guest-memory-with", String(process.getuid!())]);
+    const sysm = await import("../src/sys");
+    const ev = sysm.eventfd(0, 0x80000 /* EFD_CLOEXEC */);
+    const ctl = (...args: string[]) => {
+      const r = Bun.spawnSync([BINARY, "ctl", "--socket", s.socket, ...args], { stdio: ["ignore", "pipe", "pipe", ev] });
+      return { code: r.exitCode, out: r.stdout.toString().trim(), err: r.stderr.toString().trim() };
+    };
+    try {
+      expect(ctl("guest-memory")).toEqual({ code: 0, out: '{"GuestMemory":{"ranges":[{"guest_address":0,"size":16777216,"offset":0}]}}', err: "" });
+      expect(ctl("irqfd", "--gsi", "5", "--eventfd-from", "3").out).toBe('"Ok"');
+      expect(ctl("irqfd", "--gsi", "5", "--eventfd-from", "3", "--unregister").out).toBe('"Ok"');
+      expect(ctl("ioevent-pio", "--port", "0x600", "--eventfd-from", "3").out).toBe('"Ok"');
+      expect(ctl("ioevent-pio", "--port", "0x600", "--eventfd-from", "3").code).toBe(1); // EEXIST: it is the same eventfd
+      expect(ctl("ioevent-pio", "--port", "0x600", "--eventfd-from", "3", "--unregister").out).toBe('"Ok"');
+      const bad = ctl("irqfd", "--gsi", "24");
+      expect(bad.code).toBe(1);
+      expect(bad.out).toContain("not an IOAPIC pin");
+      expect(ctl("guest-memory", "--gsi", "1").code).toBe(2); // a flag that does not apply
+    } finally {
+      sysm.close(ev);
+      await s.stop();
+    }
+  });
+});

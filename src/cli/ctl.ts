@@ -34,6 +34,12 @@ requests:
                                      IoEventRaw with a new eventfd (any length when --match is absent),
                                      or with eventfd FD inherited from the caller, so that what one
                                      ctl registered another can unregister
+  ioevent-pio --port PORT [--match ...] [--unregister] [--eventfd-from FD]
+                                     IoEventPio: the same on an I/O port
+  irqfd --gsi N [--resample-from FD] [--unregister] [--eventfd-from FD]
+                                     IrqFd: a signal on the eventfd raises IOAPIC pin N (level-triggered,
+                                     with a resample eventfd inherited as FD)
+  guest-memory                       GetGuestMemory: where guest RAM is (the descriptors are closed)
   allocate BB:DD.F/BAR SIZE [--align N]   AllocateMmio
   release BB:DD.F/BAR                ReleaseMmio
   raw JSON                           any descriptor-free request as JSON, e.g. '{"BalloonTargetReached":{"size":1}}'
@@ -65,6 +71,9 @@ const REQUEST_FLAGS: Record<string, readonly string[]> = {
   reclaim: [],
   balloon: [],
   ioevent: ["addr", "match", "unregister", "eventfd-from"],
+  "ioevent-pio": ["port", "match", "unregister", "eventfd-from"],
+  irqfd: ["gsi", "resample-from", "unregister", "eventfd-from"],
+  "guest-memory": [],
   allocate: ["align"],
   release: [],
   raw: [],
@@ -128,6 +137,9 @@ const SPEC = {
   unregister: { value: false },
   align: { value: true },
   "eventfd-from": { value: true },
+  port: { value: true },
+  gsi: { value: true },
+  "resample-from": { value: true },
   timeout: { value: true },
   help: { value: false },
 };
@@ -143,6 +155,15 @@ function openArg(path: string, mode: "r" | "r+", what: string): number {
   } catch (e) {
     throw new UsageError(`vmemd ctl: ${what}: cannot open ${path}: ${(e as NodeJS.ErrnoException).code ?? String(e)}`);
   }
+}
+
+/** The eventfd a binding request sends: --eventfd-from's, or a new one (closed with `fds`). */
+function eventfdFor(p: Parsed, fds: number[]): number {
+  const from = flag(p, "eventfd-from");
+  if (from !== undefined) return inheritedEventfd(from); // the caller's: not closed here
+  const ev = sys.eventfd();
+  fds.push(ev);
+  return ev;
 }
 
 /** --eventfd-from FD: an eventfd this process inherited as descriptor FD. */
@@ -238,11 +259,28 @@ function buildRequest(cmd: string, args: string[], p: Parsed, fds: number[]): Vm
       need(0, "ioevent --addr ADDR [--match u32=VALUE] [--unregister]");
       const addr = flag(p, "addr");
       if (addr === undefined) throw new UsageError("vmemd ctl ioevent: --addr ADDR is required");
-      const from = flag(p, "eventfd-from");
-      const ev = from === undefined ? sys.eventfd() : inheritedEventfd(from);
-      if (from === undefined) fds.push(ev); // an inherited one is the caller's: not closed here
-      return { IoEventRaw: { event: ev, addr: parseNumber(addr, "--addr"), datamatch: datamatch(flag(p, "match")), register: !p.flags.has("unregister") } };
+      return { IoEventRaw: { event: eventfdFor(p, fds), addr: parseNumber(addr, "--addr"), datamatch: datamatch(flag(p, "match")), register: !p.flags.has("unregister") } };
     }
+    case "ioevent-pio": {
+      need(0, "ioevent-pio --port PORT [--match u8=VALUE] [--unregister]");
+      const port = flag(p, "port");
+      if (port === undefined) throw new UsageError("vmemd ctl ioevent-pio: --port PORT is required");
+      const n = parseNumber(port, "--port");
+      if (n > 0xffff) throw new UsageError(`vmemd ctl ioevent-pio: --port ${port} is not a 16-bit port`);
+      return { IoEventPio: { event: eventfdFor(p, fds), port: n, datamatch: datamatch(flag(p, "match")), register: !p.flags.has("unregister") } };
+    }
+    case "irqfd": {
+      need(0, "irqfd --gsi N [--resample-from FD] [--unregister]");
+      const gsi = flag(p, "gsi");
+      if (gsi === undefined) throw new UsageError("vmemd ctl irqfd: --gsi N is required");
+      const resample = flag(p, "resample-from");
+      return {
+        IrqFd: { event: eventfdFor(p, fds), gsi: parseNumber(gsi, "--gsi"), resample: resample === undefined ? null : inheritedEventfd(resample), register: !p.flags.has("unregister") },
+      };
+    }
+    case "guest-memory":
+      need(0, "guest-memory");
+      return "GetGuestMemory";
     case "allocate": {
       need(2, "allocate BB:DD.F/BAR SIZE [--align N]");
       const align = flag(p, "align");
@@ -308,6 +346,11 @@ export async function ctl(argv: string[]): Promise<number> {
         const r = client.request(req);
         // GetState's lists are first pages: fetch the rest, so what is shown is everything.
         if (req === "GetState" && typeof r === "object" && "State" in r) return { State: completeState(client, r.State, left) };
+        // The RAM's descriptors are no use to a shell: closed, and left out of what is printed.
+        if (typeof r === "object" && "GuestMemory" in r) {
+          for (const range of r.GuestMemory.ranges) closeSync(range.descriptor);
+          return { GuestMemory: { ranges: r.GuestMemory.ranges.map(({ descriptor: _fd, ...rest }) => rest) } } as unknown as typeof r;
+        }
         return r;
       });
     }
