@@ -255,9 +255,12 @@ export async function serve(argv: string[]): Promise<number> {
           : attachGuest(vm, server, { kernelPath: kernelPath!, initrdPath: flag(p, "initrd"), cmdline: flag(p, "cmdline") ?? DEFAULT_CMDLINE, serialPath, log, cpuidClear });
     }
     server.listen();
-    if (!p.flags.has("no-sandbox")) enterSandbox(log);
+    // Ready before the sandbox: nothing a peer sends is read until the loop runs, after it,
+    // and building the filter is most of start-up's own time (about 4 ms): a supervisor
+    // need not wait for it.
     if (readyFd !== -1) notifyReady(readyFd, log);
     notifier?.ready(status());
+    if (!p.flags.has("no-sandbox")) enterSandbox(log);
     log.info("vmemd ready", {
       version: pkg.version,
       socket: socketPath,
