@@ -1,6 +1,6 @@
 // In-process: cost of one RegisterMemory + UnregisterMemory pair through execute()
 // on a real KvmVm, at 1, 1k, 10k and 30k live regions. Reported as ratios to the
-// cost at 1 live region, measured in the same run (issue 2: per-request work stays flat).
+// cost at 1 live region, measured in the same run (per-request work stays flat).
 import * as sys from "../src/sys";
 import { KvmVm, MiB } from "../src/kvm";
 import { execute, RegionState, SystemAllocator } from "../src/memory";

@@ -1,4 +1,4 @@
-// The long fuzz run of issue 6 (protocol version 2, both encodings):
+// The long fuzz run (protocol version 2, both encodings):
 //   bun scripts/fuzz.ts [--packets N] [--connections C] [--seed S] [--binary dist/vmemd]
 //                       [--window W] [--checkpoints K] [--json]
 // Spawns the compiled server on its own temporary socket, sends N packets over C pipelined

@@ -1,5 +1,5 @@
-// The register/unregister path allocates what it keeps and little else (issue 5: remove
-// per-request allocations). Counted in heap cells, not timed: the real Server on real KVM,
+// The register/unregister path allocates what it keeps and little else (per-request
+// allocations removed). Counted in heap cells, not timed: the real Server on real KVM,
 // driven one wake-up at a time from this process, its heap read with bun:jsc's census.
 import { afterAll, describe, expect, test } from "bun:test";
 import { heapStats } from "bun:jsc";

@@ -330,7 +330,7 @@ describe("every VmMemoryRequest variant, in crosvm's JSON, answered in JSON", ()
 });
 
 describe("MessagePack and JSON on one connection, each answered in kind", () => {
-  test("MessagePack alone, from the same serializer: answered in MessagePack (PROTOCOL.md's own encoding)", () => {
+  test("MessagePack alone, from the same serializer: answered in MessagePack (docs/protocol.md's own encoding)", () => {
     const c = TubeEnd.connect(server.socket);
     try {
       expect(msgpackCall(c, { BalloonTargetReached: { size: 2n ** 64n - 1n } })).toBe("Ok");
@@ -391,7 +391,7 @@ describe("MessagePack and JSON on one connection, each answered in kind", () => 
     }
   });
 
-  test("unknown fields: ignored in JSON (serde's default), EINVAL in MessagePack (PROTOCOL.md)", () => {
+  test("unknown fields: ignored in JSON (serde's default), EINVAL in MessagePack (docs/protocol.md)", () => {
     const c = TubeEnd.connect(server.socket);
     try {
       expectOk(rawCall(c, '{"BalloonTargetReached":{"size":5,"newer_crosvm_field":true}}'));
@@ -745,7 +745,7 @@ describe("hostile JSON", () => {
 
   test("nesting deeper than serde_json's limit inside an unknown field: answered either way, and the server keeps serving", async () => {
     // serde_json skips an unknown field's value without a depth limit (ignore_value), so
-    // crosvm itself would accept this; PROTOCOL.md does not say. Only survival is judged.
+    // crosvm itself would accept this; docs/protocol.md does not say. Only survival is judged.
     const r = rawCall(t, '{"BalloonTargetReached":{"size":1,"x":' + "[".repeat(30000) + "]".repeat(30000) + "}}");
     expect(r === "Ok" || (typeof r === "object" && "Err" in r)).toBe(true);
     expectOk(jsonCall(t, { BalloonTargetReached: { size: 1 } }));

@@ -121,7 +121,7 @@ describe("every request variant over the wire", () => {
   });
 });
 
-describe("Err paths named by PROTOCOL.md", () => {
+describe("Err paths named by docs/protocol.md", () => {
   test("EPERM, ENOTSUP, ENOSPC, ENOENT, EINVAL, EBUSY each arrive with a chain", async () => {
     const fd = memfd(8192);
     const reg = (source: object, dest: object = { GuestPhysicalAddress: HIGH }) =>
@@ -326,7 +326,7 @@ describe("concurrency and pipelining", () => {
   });
 });
 
-describe("a client written against PROTOCOL.md alone", () => {
+describe("a client written against docs/protocol.md alone", () => {
   test("hand-made MessagePack bytes get the documented bytes back", () => {
     // {"BalloonTargetReached": {"size": 1}} by hand; "Ok" is fixstr a2 4f 6b.
     const req = [0x81, 0xb4, ...Buffer.from("BalloonTargetReached"), 0x81, 0xa4, ...Buffer.from("size"), 0x01];

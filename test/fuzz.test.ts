@@ -1,4 +1,4 @@
-// The short fuzz run of issue 6 (the long one is scripts/fuzz.ts): 20,000 mutated and random
+// The short fuzz run (the long one is scripts/fuzz.ts): 20,000 mutated and random
 // packets in both encodings of protocol version 2 (MessagePack and crosvm's JSON),
 // MmapAndRegisterMemory sequences and descriptors of every kind over 4 pipelined connections
 // to dist/vmemd. test/fuzz_lib.ts checks every response against the packet it answers and,

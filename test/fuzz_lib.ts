@@ -1,6 +1,6 @@
-// The fuzz engine of issue 6, shared by scripts/fuzz.ts (the long run) and
+// The fuzz engine, shared by scripts/fuzz.ts (the long run) and
 // test/fuzz.test.ts (a short run under `bun test`), for wire protocol version 2
-// (PROTOCOL.md).
+// (docs/protocol.md).
 //
 // It spawns the compiled server, opens several pipelined connections and sends
 // packets in both encodings of version 2 (MessagePack, and JSON as crosvm's Tube writes
@@ -10,7 +10,7 @@
 // MmapAndRegisterMemory sequences (complete, abandoned, broken by a bad chunk, chunks in
 // either encoding), with descriptors of every kind attached at random indices.
 //
-// Accounting is exact: a small model of the server written from PROTOCOL.md and
+// Accounting is exact: a small model of the server written from docs/protocol.md and
 // docs/protocol.md, independent of src/protocol, says which packets get a response and in
 // which encoding (a body whose first byte is `{`, `[`, `"` or JSON whitespace is JSON and
 // answered in JSON; an MmapAndRegisterMemory is answered in its own encoding after its
@@ -20,7 +20,7 @@
 // its name, or {name: nil} as serde reads it; descriptor indices reference every attached
 // descriptor once), so it knows which packets are well-formed requests. Every response
 // is matched to its packet in order and checked: well formed (a JSON answer compact,
-// fields in PROTOCOL.md's order, an Err's errno read from the ` (os error N)` that ends
+// fields in docs/protocol.md's order, an Err's errno read from the ` (os error N)` that ends
 // its root cause), in the right encoding, never larger than a packet, of a kind its
 // request may get, EINVAL for anything that is not a well-formed request and never
 // "malformed" for one that is. Pages of GetRegions / GetAllocations are checked against
@@ -56,7 +56,7 @@ import * as sys from "../src/sys";
 
 // ---- constants ---------------------------------------------------------------
 
-export const MAX_PACKET = 65536; // PROTOCOL.md: body size at most 65536 bytes
+export const MAX_PACKET = 65536; // docs/protocol.md: body size at most 65536 bytes
 const SCM_MAX_FD = 253;
 const PAGE = 4096;
 const MiB = 1 << 20;
@@ -131,7 +131,7 @@ export const VARIANTS = [
   "AllocateMmio",
   "ReleaseMmio",
 ] as const;
-/** Names the mutator draws keys and strings from: every name of PROTOCOL.md, and a few hostile ones. */
+/** Names the mutator draws keys and strings from: every name of docs/protocol.md, and a few hostile ones. */
 const NAMES = [
   ...VARIANTS,
   "alloc", "cache", "source", "dest", "prot", "shm", "num_file_mappings", "ranges", "size", "event", "addr",
@@ -259,7 +259,7 @@ function hasKeys(v: unknown, keys: readonly string[]): v is Record<string, unkno
   const own = Object.keys(v);
   return own.length === keys.length && keys.every((k) => Object.hasOwn(v, k));
 }
-/** hasKeys, and in this order (PROTOCOL.md: JSON answers have their fields in the order shown). */
+/** hasKeys, and in this order (docs/protocol.md: JSON answers have their fields in the order shown). */
 function hasKeysInOrder(v: unknown, keys: readonly string[]): v is Record<string, unknown> {
   if (!isPlainMap(v)) return false;
   const own = Object.keys(v);
@@ -328,7 +328,7 @@ function hexHead(b: Uint8Array, n = 48): string {
 
 type Enc = "msgpack" | "json";
 
-/** PROTOCOL.md, "Encoding per packet": `{`, `[`, `"` or JSON whitespace first is JSON; anything else (an empty body too) MessagePack. */
+/** docs/protocol.md, "Encoding per packet": `{`, `[`, `"` or JSON whitespace first is JSON; anything else (an empty body too) MessagePack. */
 function encodingOf(body: Uint8Array): Enc {
   const c = body[0];
   return c === 0x7b || c === 0x5b || c === 0x22 || c === 0x20 || c === 0x09 || c === 0x0a || c === 0x0d ? "json" : "msgpack";
@@ -728,7 +728,7 @@ const MEMFD_NAME = "vmemd-fuzz";
 const VALID_SIZES = [PAGE, 2 * PAGE, 4 * PAGE, 64 * 1024, MiB, 2 * MiB];
 const O_PATH = 0o10000000;
 const F_SEAL_WRITE = 0x0008;
-/** Descriptors mmap refuses (PROTOCOL.md: the kernel's errno, ENODEV, EACCES, EBADF), whatever the request says. */
+/** Descriptors mmap refuses (docs/protocol.md: the kernel's errno, ENODEV, EACCES, EBADF), whatever the request says. */
 const UNMAPPABLE = new Set<FdKind>(["opath", "eventfd", "pipe-r", "pipe-w", "socket", "dir", "devnull", "epoll"]);
 
 function memfd(size: number, flags = sys.MFD_CLOEXEC | sys.MFD_ALLOW_SEALING, name = MEMFD_NAME): PoolFd {
@@ -947,7 +947,7 @@ class SlotGen {
     return utf8Encoder.encode(lead + text + (r.chance(0.05) ? r.pick([" ", "\n"]) : ""));
   }
 
-  /** The same value with every struct's fields in a random order (PROTOCOL.md: in any order). */
+  /** The same value with every struct's fields in a random order (docs/protocol.md: in any order). */
   private shuffled(v: unknown): unknown {
     if (Array.isArray(v)) return v.map((x) => this.shuffled(x));
     if (!isPlainMap(v)) return v;
@@ -1843,7 +1843,7 @@ class SlotGen {
 }
 
 /**
- * A valid DynamicallyReclaimMemoryRanges of exactly `size` bytes, hand-encoded (PROTOCOL.md: a body
+ * A valid DynamicallyReclaimMemoryRanges of exactly `size` bytes, hand-encoded (docs/protocol.md: a body
  * of 65536 bytes is allowed, one more is not). Each range is fixarray(2), the address as uint 64 and
  * 4096 as uint 16, 32 or 64 (13, 15 or 19 bytes); the variant name as fixstr or str 8 fixes the parity.
  */
@@ -1905,7 +1905,7 @@ export function jsonReclaimOfExactly(size: number): Uint8Array {
 // ---- the server model: which packets get a response, and what it may be ----------
 
 /**
- * The model's own transcription of PROTOCOL.md's shapes, as checks on a decoded value.
+ * The model's own transcription of docs/protocol.md's shapes, as checks on a decoded value.
  * A descriptor field is an index into the packet's descriptors, each referenced once (with
  * `lost`, the packet's descriptors were cut short: any index in range of the format reads).
  */
@@ -2031,7 +2031,7 @@ function payloadOf(req: unknown): Record<string, unknown> {
 
 type RespKind = "Ok" | "RegisterMemory" | "Err" | "State" | "Allocated" | "Regions" | "Allocations";
 
-/** An Alloc in a response: strict shape, and in JSON its struct fields in PROTOCOL.md's order. */
+/** An Alloc in a response: strict shape, and in JSON its struct fields in docs/protocol.md's order. */
 function isAllocOut(v: unknown, enc: Enc): boolean {
   if (!wellFormed(AllocS, v, 0, "msgpack")) return false;
   if (enc !== "json" || typeof v === "string") return true;
@@ -2045,7 +2045,7 @@ const ALLOCATION_KEYS = ["alloc", "start", "size"];
 const STATE_KEYS = ["ram", "regions", "regions_next", "allocations", "allocations_next", "slots_used", "slots_max", "freed_bytes", "balloon_target", "vcpu"];
 
 /**
- * The response's kind, or why it is not a well-formed response (PROTOCOL.md, "Responses" and
+ * The response's kind, or why it is not a well-formed response (docs/protocol.md, "Responses" and
  * "vmemd extensions"). A JSON answer has its fields in the order shown; its Err is the bare
  * chain, normalized here to MessagePack's {errno, chain} (the errno from the root cause's
  * trailing " (os error N)", which is cut off).
@@ -2126,7 +2126,7 @@ function allowedKinds(variant: string | null): readonly RespKind[] {
 }
 
 /**
- * What is wrong with a listing page, by PROTOCOL.md's paging rules, or null: entries from
+ * What is wrong with a listing page, by docs/protocol.md's paging rules, or null: entries from
  * `from` on in ascending key order (regions: a prepared arena and a fixed mapping at its
  * first byte share a region_id), at most `max` (nil: no cap; 0 still lists one), `next`
  * past every entry listed, and at least one entry when `next` says more remain. Two
@@ -2454,7 +2454,7 @@ class Conn {
         return true;
       }
       if (this.io.flags & sys.MSG_TRUNC || n > MAX_PACKET) {
-        // PROTOCOL.md: every response fits in one packet.
+        // docs/protocol.md: every response fits in one packet.
         this.engine.violate("response", `a response larger than a packet (${n} bytes received, MSG_TRUNC): ${hexHead(this.io.body.subarray(0, n))}`, this, this.fifo[0]);
       }
       this.onResponse(this.io.body.subarray(0, Math.min(n, MAX_PACKET)));
@@ -2641,7 +2641,7 @@ class Conn {
     }
     if (enc === "json") {
       this.engine.stats.jsonResponses++;
-      // PROTOCOL.md: JSON answers are compact, as serde_json writes them.
+      // docs/protocol.md: JSON answers are compact, as serde_json writes them.
       const canonical = jsonText(v);
       const text = utf8Lenient.decode(body);
       if (canonical !== text) this.engine.violate("response", `a JSON answer not written as serde_json writes it (compact): ${JSON.stringify(text.slice(0, 200))}`, this, ex);
@@ -2843,7 +2843,7 @@ class Engine {
       chain = payload.chain as string[];
       const name = errno === null ? "nil" : sys.errnoName(errno);
       st.errnos.set(name, (st.errnos.get(name) ?? 0) + 1);
-      if (errno === null) this.violate("errno", `Err without errno (PROTOCOL.md: EINVAL for malformed input): ${show(chain)}`, conn, ex);
+      if (errno === null) this.violate("errno", `Err without errno (docs/protocol.md: EINVAL for malformed input): ${show(chain)}`, conn, ex);
       else if (chain.some((s) => s.startsWith("malformed")) && errno !== EINVAL) this.violate("errno", `malformed-input Err with errno ${errno}: ${show(chain)}`, conn, ex);
       if (ex.variant !== null && chain.at(-1) === MALFORMED_REQUEST) {
         // The model reads the packet as a well-formed request: the server must not call it malformed.
@@ -2877,7 +2877,7 @@ class Engine {
         if (v !== "Ok") mismatch("expected Ok");
         break;
       case Check.State:
-        // PROTOCOL.md: GetState's lists are pages, so it always fits (no EMSGSIZE any more).
+        // docs/protocol.md: GetState's lists are pages, so it always fits (no EMSGSIZE any more).
         if (kind !== "State") mismatch("expected State");
         break;
       case Check.Errno:
@@ -3037,7 +3037,7 @@ class Engine {
     }
   }
 
-  /** GetState's list is the listing's first page (PROTOCOL.md), `next` the key of the first entry it leaves out. */
+  /** GetState's list is the listing's first page (docs/protocol.md), `next` the key of the first entry it leaves out. */
   private checkFirstPage(what: string, page: Record<string, unknown>[], next: unknown, all: Record<string, unknown>[], key: string): void {
     const same = (a: unknown, b: unknown) => JSON.stringify(a, bigintJson) === JSON.stringify(b, bigintJson);
     if (page.length === 0 && all.length > 0) this.violate("paging", `GetState lists no ${what}, and ${all.length} exist`);
@@ -3079,7 +3079,7 @@ class Engine {
   }
 
   /**
-   * freed_bytes (PROTOCOL.md): guest RAM currently given back, a page freed twice counted
+   * freed_bytes (docs/protocol.md): guest RAM currently given back, a page freed twice counted
    * once, a reclaimed page not at all. Probed on a synced server with ranges it knows.
    */
   private async freedProbe(name: string, st: State): Promise<void> {

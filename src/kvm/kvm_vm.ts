@@ -259,7 +259,7 @@ export class KvmVm implements Vm {
   removeRamRange(guest: GuestAddress, size: number): void {
     const host = this.ramHostAddress(guest, size);
     if (host === undefined) throw new sys.SysError(`${hex(guest)}+${hex(size)} is not guest RAM`, sys.Errno.EINVAL);
-    // MADV_REMOVE frees the memfd's pages; MADV_DONTNEED would only unmap them (BUN_NOTES.md).
+    // MADV_REMOVE frees the memfd's pages; MADV_DONTNEED would only unmap them (measured).
     sys.madvise(host, size, sys.MADV_REMOVE);
   }
 

@@ -1,4 +1,4 @@
-// x86_64 guest physical layout (PROTOCOL.md, "Guest physical layout"; as crosvm's
+// x86_64 guest physical layout (docs/protocol.md, "Guest physical layout"; as crosvm's
 // arch/x86_64): RAM below the PCI hole, the rest from 4 GiB, MMIO pools around it.
 
 /** A guest physical address. Guest physical limits here are at most 2^52, so a JS number holds it exactly. */

@@ -3,7 +3,7 @@ import type { BootEntry } from "./boot";
 // the message that starts the Worker. Imported by both sides; no FFI here.
 //
 // Worker -> main goes through this buffer plus an eventfd in the main epoll set:
-// postMessage is not delivered while the main thread blocks in epoll_wait (BUN_NOTES.md).
+// postMessage is not delivered while the main thread blocks in epoll_wait (measured).
 // Main -> Worker is a flag in this buffer, plus (for a vCPU inside KVM_RUN)
 // kvm_run.immediate_exit and a signal to the Worker's thread.
 

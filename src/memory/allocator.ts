@@ -1,4 +1,4 @@
-// SystemAllocator: the guest's MMIO address space (PROTOCOL.md, "Guest physical
+// SystemAllocator: the guest's MMIO address space (docs/protocol.md, "Guest physical
 // layout"), as crosvm's resources::SystemAllocator for what vmemd needs: PCI BARs
 // and other MMIO allocations, naturally aligned, from a low and a high pool.
 import { type GuestAddress, hex, highMmioStart, LOW_MMIO_END, MiB, PCI_HOLE_START } from "../kvm";

@@ -123,7 +123,7 @@ export function jsonMmapAndRegister(t: TubeEnd, req: Request, mappings: VmMemory
   return parseAnswer(t.recv()) as VmMemoryResponse;
 }
 
-// ---- MessagePack (PROTOCOL.md's own encoding), for mixing on one connection ----
+// ---- MessagePack (docs/protocol.md's own encoding), for mixing on one connection ----
 
 export function msgpackPacket(req: Request): Packet {
   const fds: number[] = [];

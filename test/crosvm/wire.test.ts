@@ -213,7 +213,7 @@ describe("serializer: every Alloc and Datamatch", () => {
   }
 });
 
-describe("serializer: vmemd's extension requests (PROTOCOL.md's field order)", () => {
+describe("serializer: vmemd's extension requests (docs/protocol.md's field order)", () => {
   test("each one", () => {
     expectPacket("GetState", '"GetState"');
     expectPacket("GetGuestMemory", '"GetGuestMemory"');

@@ -8,7 +8,7 @@
 //    order, into serde's data model; then written exactly as `serde_json::to_vec` writes
 //    it inside `base::Tube::send` (compact, u64 as digits), each descriptor pushed to the
 //    packet's SCM_RIGHTS list and written as its index (base::descriptor_reflection).
-//    The same model also gives the MessagePack form PROTOCOL.md defines.
+//    The same model also gives the MessagePack form docs/protocol.md defines.
 //  - Parser: a deserializer with serde_json 1.0.82's rules (the version crosvm's
 //    Cargo.lock pins) and serde-derive's behaviour for each response type, so it accepts
 //    what `Tube::recv::<VmMemoryResponse>()` would accept and refuses what it would refuse.
@@ -106,7 +106,7 @@ export type VmMemoryRequest =
   | { UnregisterMemory: U64 }
   | { IoEventRaw: IoEventUpdateRequest };
 
-/** vmemd's extension requests, in PROTOCOL.md's shapes and field order. */
+/** vmemd's extension requests, in docs/protocol.md's shapes and field order. */
 export type VmemdRequest =
   | "GetState"
   | { GetRegions: { from: U64; max: number | null } }
@@ -122,7 +122,7 @@ export type Request = VmMemoryRequest | VmemdRequest;
 /** vm_control::VmMemoryResponse, as parsed: Err is FlatVmMemoryResponseError's chain, root cause first. */
 export type VmMemoryResponse = "Ok" | { RegisterMemory: { region_id: bigint; slot: number } } | { Err: string[] };
 
-// vmemd's extension responses (PROTOCOL.md), as parsed.
+// vmemd's extension responses (docs/protocol.md), as parsed.
 export interface Region {
   region_id: bigint;
   slot: number;
@@ -455,7 +455,7 @@ export function serRequest(r: Request): Node {
       return newtypeVariant(name, u64(p, "UnregisterMemory"));
     case "IoEventRaw":
       return newtypeVariant(name, serIoEventUpdateRequest(p as IoEventUpdateRequest));
-    // ---- vmemd extensions (PROTOCOL.md's field order)
+    // ---- vmemd extensions (docs/protocol.md's field order)
     case "GetRegions":
     case "GetAllocations": {
       const f = fields(p, name, ["from", "max"]);
@@ -647,7 +647,7 @@ export const jsonFileMappingChunk = (chunk: VmMemoryFileMapping[]): Packet => to
 export const jsonText = (n: Node): string => writeJson(n, []);
 
 /**
- * The same value as a plain JS value for a MessagePack encoder (PROTOCOL.md's MessagePack
+ * The same value as a plain JS value for a MessagePack encoder (docs/protocol.md's MessagePack
  * form has the same shape): u64 above 2^53 as bigint, descriptors as indices.
  */
 export function toPlain(n: Node, fds: number[] = []): unknown {
@@ -1244,7 +1244,7 @@ export function parseVmMemoryResponse(bytes: Uint8Array): VmMemoryResponse {
   return parseWith<VmMemoryResponse>(bytes, false);
 }
 
-/** The same rules over vmemd's response set (crosvm's three variants and PROTOCOL.md's extensions). */
+/** The same rules over vmemd's response set (crosvm's three variants and docs/protocol.md's extensions). */
 export function parseVmemdResponse(bytes: Uint8Array): VmemdResponse {
   return parseWith<VmemdResponse>(bytes, true);
 }
