@@ -509,7 +509,7 @@ async function main(): Promise<void> {
   // 4: cost per request as live regions grow.
   const regionRows: { live: number; median_ns: number }[] = [];
   if (wanted("regions")) {
-    const v = await startVmemd(["--memory", "64M", "--max-regions-per-connection", "40000"]);
+    const v = await startVmemd(["--memory", "64M", "--max-regions-per-connection", "40000", "--max-mappings-per-connection", "40000"]);
     const client = VmemClient.connect(v.socket);
     const fd = memfd(4096);
     const BASE = 0x40_0000_0000;

@@ -25,6 +25,7 @@ const TWO_32 = 0x1_0000_0000;
 /** Entries left in each open map or array, by depth (shapes nest far less deeply). */
 const MAX_DEPTH = 32;
 const utf8 = new TextDecoder("utf-8", { fatal: true });
+const utf8Encoder = new TextEncoder();
 
 export class MsgpackReader extends PacketCursor implements WireReader {
   readonly encoding = MSGPACK;
@@ -333,9 +334,21 @@ export class MsgpackWriter implements WireWriter {
   }
 
   str(s: string): void {
-    const bytes = new TextEncoder().encode(s);
-    this.strHead(bytes.length);
-    this.out.copy(bytes);
+    // ASCII (every message vmemd writes) straight into the buffer; anything else through
+    // the encoder. A new TextEncoder and array per string made an Err cost more than an Ok.
+    const n = s.length;
+    let ascii = true;
+    for (let i = 0; i < n && ascii; i++) ascii = s.charCodeAt(i) < 0x80;
+    if (!ascii) {
+      const bytes = utf8Encoder.encode(s);
+      this.strHead(bytes.length);
+      this.out.copy(bytes);
+      return;
+    }
+    this.strHead(n);
+    const o = this.out;
+    o.room(n);
+    for (let i = 0; i < n; i++) o.buf[o.pos++] = s.charCodeAt(i);
   }
 
   name(bytes: Uint8Array): void {
