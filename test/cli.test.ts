@@ -311,7 +311,8 @@ describe("--prefault", () => {
 
 describe("ctl and the device plane", () => {
   test("guest-memory, irqfd and ioevent-pio; what one ctl registered another unregisters (--eventfd-from)", async () => {
-    const s = await VmemdProcess.start(["--memory", "16M", "--share-guest-memory-with", String(process.getuid!())]);
+    const guest = require("node:path").join(import.meta.dir, "guest", "guest.bin");
+    const s = await VmemdProcess.start(["--memory", "16M", "--guest", guest, "--share-guest-memory-with", String(process.getuid!())]);
     const sysm = await import("../src/sys");
     const ev = sysm.eventfd(0, 0x80000 /* EFD_CLOEXEC */);
     const ctl = (...args: string[]) => {

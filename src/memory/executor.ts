@@ -575,7 +575,7 @@ function ioEvent(ctx: ExecContext, event: number, addr: U64, dm: Datamatch, regi
 export const IOAPIC_PINS = 24;
 
 function irqFd(ctx: ExecContext, event: number, gsi: number, resample: number | null, register: boolean): Result {
-  if (!ctx.vm.irqchip) return Refusal.of("ENOTSUP", "this VM has no in-kernel interrupt controller");
+  if (!ctx.vm.irqchip) return Refusal.of("ENOTSUP", "this VM has no in-kernel interrupt controller (it has one when vmemd runs a guest: --guest or --kernel)");
   if (gsi >= IOAPIC_PINS) return Refusal.of("EINVAL", `GSI ${gsi} is not an IOAPIC pin (0-${IOAPIC_PINS - 1})`);
   const errno = register ? ctx.vm.registerIrqfd(event, gsi, resample ?? -1) : ctx.vm.unregisterIrqfd(event, gsi);
   return errno === 0 ? "Ok" : new Refusal(errno, [sys.sysMessage("KVM_IRQFD", errno)]);
