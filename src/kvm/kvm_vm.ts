@@ -105,10 +105,11 @@ export class KvmVm implements Vm {
       const ramMapping = MemoryMapping.fromDescriptor(ramFd, 0, opts.memory, sys.PROT_READ | sys.PROT_WRITE);
       undo.push(() => ramMapping.release());
       if (opts.prefault) {
-        // Written pages, the state a guest leaves RAM in (MAP_POPULATE leaves pages that
-        // MADV_REMOVE frees measurably slower). MADV_POPULATE_WRITE does it in the kernel
-        // (about 1 s per GiB here, against 6 s for a write per page from JavaScript); a
-        // kernel before 5.14 answers EINVAL, and then a write per page it is.
+        // MADV_POPULATE_WRITE faults every page in writable, in the kernel: about 1 s per GiB
+        // here, against 6 s for a write per page from JavaScript. (Its pages, like
+        // MAP_POPULATE's, are freed by MADV_REMOVE some 30% slower than pages a guest wrote,
+        // measured; start-up is what --prefault is for.) A kernel before 5.14 answers EINVAL,
+        // and then a write per page it is.
         if (sys.tryMadvise(ramMapping.addr, opts.memory, sys.MADV_POPULATE_WRITE) !== 0) {
           const view = ramMapping.view();
           for (let off = 0; off < opts.memory; off += sys.PAGE_SIZE) view[off] = 0;
