@@ -91,9 +91,7 @@ function dispatch(req: Exclude<VmMemoryRequest, { MmapAndRegisterMemory: unknown
     ctx.state.balloonTarget = req.BalloonTargetReached.size;
     return "Ok";
   }
-  if ("DynamicallyFreeMemoryRanges" in req) {
-    return withContext(freeRanges(ctx, req.DynamicallyFreeMemoryRanges.ranges), "failed to free guest memory ranges");
-  }
+  if ("DynamicallyFreeMemoryRanges" in req) return freeRanges(ctx, req.DynamicallyFreeMemoryRanges.ranges);
   if ("DynamicallyReclaimMemoryRanges" in req) {
     return withContext(reclaimRanges(ctx, req.DynamicallyReclaimMemoryRanges.ranges), "failed to reclaim guest memory ranges");
   }
@@ -529,17 +527,53 @@ function checkRamRanges(vm: Vm, ranges: GuestRange[]): Array<[number, number]> |
 }
 
 function freeRanges(ctx: ExecContext, ranges: GuestRange[]): Result {
-  const checked = checkRamRanges(ctx.vm, ranges);
-  if (checked instanceof Refusal) return checked;
-  for (const [guest, size] of checked) {
-    try {
-      ctx.vm.removeRamRange(guest, size);
-    } catch (e) {
-      throw VmMemoryError.from(e).context(`failed to remove RAM range ${hex(guest)}+${hex(size)}`);
-    }
-    ctx.state.freed.add(guest, guest + size);
+  const job = FreeRanges.start(ctx, ranges);
+  if (job instanceof Refusal) return job;
+  while (!job.step(Infinity));
+  return job.result();
+}
+
+/**
+ * A DynamicallyFreeMemoryRanges, checked whole first (all or nothing), then applied a slice
+ * at a time: one packet can hold 4000 ranges, some 15 ms of madvise, and the server runs
+ * other peers' requests between slices so that no peer waits behind that.
+ */
+export class FreeRanges {
+  private next = 0;
+  private failure: Refusal | null = null;
+
+  private constructor(
+    private readonly ctx: ExecContext,
+    private readonly ranges: Array<[number, number]>,
+  ) {}
+
+  static start(ctx: ExecContext, ranges: GuestRange[]): FreeRanges | Refusal {
+    const checked = checkRamRanges(ctx.vm, ranges);
+    return checked instanceof Refusal ? checked.context("failed to free guest memory ranges") : new FreeRanges(ctx, checked);
   }
-  return "Ok";
+
+  /** Applies ranges until `until` (performance.now()) or the end; true when done. */
+  step(until: number): boolean {
+    const ranges = this.ranges;
+    while (this.next < ranges.length && this.failure === null) {
+      const [guest, size] = ranges[this.next++]!;
+      try {
+        this.ctx.vm.removeRamRange(guest, size);
+        this.ctx.state.freed.add(guest, guest + size);
+      } catch (e) {
+        this.failure = errorRefusal(e).context(`failed to remove RAM range ${hex(guest)}+${hex(size)}`).context("failed to free guest memory ranges");
+      }
+      if ((this.next & 15) === 0 && performance.now() >= until) break;
+    }
+    return this.next >= ranges.length || this.failure !== null;
+  }
+
+  result(): VmMemoryResponse {
+    return this.failure !== null ? errResponse(this.failure) : "Ok";
+  }
+
+  /** Ranges: a request with fewer than this is done at once (a slice would not pay for itself). */
+  static readonly SLICED_FROM = 64;
 }
 
 function reclaimRanges(ctx: ExecContext, ranges: GuestRange[]): Result {

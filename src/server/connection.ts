@@ -1,6 +1,6 @@
 // One client connection's state: what it owes (responses waiting for room), what it is in
 // the middle of (an MmapAndRegisterMemory waiting for chunks), and what it holds.
-import type { MmapRegistration, Refusal } from "../memory";
+import type { FreeRanges, MmapRegistration, Refusal } from "../memory";
 import type { Encoding } from "../protocol";
 import type * as sys from "../sys";
 import { Holdings } from "./ledger";
@@ -25,6 +25,8 @@ export class Connection {
   /** Responses that did not fit in the socket; while any wait, no request is read (throttle). */
   readonly outbox: OutPacket[] = [];
   pending: PendingMmap | null = null;
+  /** A long request applied a slice per turn (FreeRanges); none of its later packets is read meanwhile. */
+  job: { work: FreeRanges; encoding: Encoding } | null = null;
   /** The peer has finished sending: answer what is owed, then close. */
   closing = false;
   requests = 0;

@@ -5,6 +5,7 @@
 import {
   errResponse,
   execute,
+  FreeRanges,
   MmapRegistration,
   pageUp,
   Refusal,
@@ -41,6 +42,9 @@ export interface RequestLimits {
 
 export type Respond = (conn: Connection, resp: VmMemoryResponse, enc: Encoding) => void;
 
+/** How long one slice of a long request runs before other peers get their turn. */
+const JOB_SLICE_MS = 0.5;
+
 type Mmap = Request<"MmapAndRegisterMemory">;
 
 export class Requests {
@@ -56,7 +60,7 @@ export class Requests {
    * One packet, bytes [start, end) of `buf`. Its descriptors are this call's to close, on
    * every path: mappings and KVM keep their own references to what they use.
    */
-  packet(conn: Connection, buf: Uint8Array, start: number, end: number, len: number, flags: number, fds: number[]): void {
+  packet(conn: Connection, buf: Uint8Array, start: number, end: number, len: number, flags: number, fds: number[], mayDefer = false): void {
     conn.requests++;
     try {
       const enc = encodingOf(buf, start, end);
@@ -72,6 +76,9 @@ export class Requests {
       const req = decodeRequest(buf, start, end, fds, enc);
       if (req instanceof Refusal) return this.answer(conn, errResponse(req), enc, null);
       if (typeof req === "object" && "MmapAndRegisterMemory" in req) return this.startMmap(conn, req, enc, null);
+      if (mayDefer && typeof req === "object" && "DynamicallyFreeMemoryRanges" in req && req.DynamicallyFreeMemoryRanges.ranges.length >= FreeRanges.SLICED_FROM) {
+        return this.startFree(conn, req, enc);
+      }
       this.answer(conn, this.execute(conn, req), enc, req);
     } finally {
       for (const fd of fds) closeQuietly(fd);
@@ -90,6 +97,23 @@ export class Requests {
       this.log.limited.info("refused a request", { conn: conn.id, pid: conn.peer.pid, uid: conn.peer.uid, request: kind, errno: e.errno === null ? "none" : sys.errnoName(e.errno), cause: e.chain[0] });
     }
     this.respond(conn, resp, enc);
+  }
+
+  /** A large DynamicallyFreeMemoryRanges: its first slice now, the rest on later turns (stepJob). */
+  private startFree(conn: Connection, req: Request<"DynamicallyFreeMemoryRanges">, enc: Encoding): void {
+    const work = FreeRanges.start(this.ctx, req.DynamicallyFreeMemoryRanges.ranges);
+    if (work instanceof Refusal) return this.answer(conn, errResponse(work), enc, req);
+    conn.job = { work, encoding: enc };
+    this.stepJob(conn);
+  }
+
+  /** One slice of the connection's job; answers it when it is done. True while work remains. */
+  stepJob(conn: Connection): boolean {
+    const job = conn.job!;
+    if (!job.work.step(performance.now() + JOB_SLICE_MS)) return true;
+    conn.job = null;
+    this.answer(conn, job.work.result(), job.encoding, "DynamicallyFreeMemoryRanges");
+    return false;
   }
 
   /** Limits every packet must meet before it is decoded (a request or a follow-up chunk). */

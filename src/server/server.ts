@@ -84,6 +84,8 @@ export class Server {
   private readonly conns = new Map<number, Connection>();
   /** Ready events put off to the end of a wake-up (see serveUntilTurn). */
   private readonly deferred: number[] = [];
+  /** Connections with a long request under way, a slice per round. */
+  private readonly jobs = new Set<Connection>();
   private readonly handlers = new Map<number, FdHandler>();
   readonly ledger: Ledger;
   private readonly requests: Requests;
@@ -165,7 +167,8 @@ export class Server {
    */
   private serveUntilTurn(tick: sys.IntervalTimer): void {
     while (!this.stopping) {
-      const n = this.epoll.wait(-1);
+      // With long requests under way, look for events without sleeping, then run a slice of each.
+      const n = this.epoll.wait(this.jobs.size > 0 ? 0 : -1);
       let turn = n <= 0;
       // Connections whose last turn ran out of time go last, so a peer that just sent one
       // request is not queued behind another peer's backlog twice (epoll lists a descriptor
@@ -183,6 +186,7 @@ export class Server {
         const i = this.deferred[j]!;
         this.dispatch(this.epoll.readyFd(i), this.epoll.readyEvents(i));
       }
+      if (this.jobs.size > 0) this.stepJobs();
       if (turn) return;
     }
   }
@@ -267,7 +271,7 @@ export class Server {
     // client that pipelines: from then on, batches, while a batch fits in a turn.
     let batch = 1;
     let reads = 0;
-    while (conn.outbox.length === 0 && !conn.closing) {
+    while (conn.outbox.length === 0 && !conn.closing && conn.job === null) {
       const roundStart = reads === 0 ? turnStart : performance.now();
       const n = this.rx.recv(conn.fd, batch);
       if (n === -1) {
@@ -292,7 +296,10 @@ export class Server {
             conn.closing = true;
             return;
           }
-          this.requests.packet(conn, this.rx.bodies, this.rx.bodyStart(i), this.rx.bodyEnd(i), len, flags, fds);
+          // Only the batch's last packet may become a long request run in slices: one read
+          // after it would have to wait for it, and its answer with it.
+          this.requests.packet(conn, this.rx.bodies, this.rx.bodyStart(i), this.rx.bodyEnd(i), len, flags, fds, i === n - 1);
+          if (conn.job !== null) this.jobs.add(conn);
         }
         this.flushBatch(conn);
       } finally {
@@ -306,6 +313,26 @@ export class Server {
       batch = reads >= 2 && ((now - roundStart) / n) * RECV_BATCH < TURN_MS ? RECV_BATCH : 1;
       // Loop until EAGAIN even after a short batch: a client woken by our responses often
       // has its next request queued by the time sendmmsg returns (one CPU, or pipelining).
+    }
+  }
+
+  /** A slice of every long request under way; a finished one is answered, and its connection read again. */
+  private stepJobs(): void {
+    for (const conn of this.jobs) {
+      if (conn.job === null) {
+        this.jobs.delete(conn);
+        continue;
+      }
+      try {
+        if (this.requests.stepJob(conn)) continue;
+        this.jobs.delete(conn);
+        this.flushBatch(conn);
+        if (this.conns.has(conn.fd)) this.readAll(conn, 0); // what it sent meanwhile
+      } catch (e) {
+        this.jobs.delete(conn);
+        if (!peerGone(e)) this.opts.log.limited.warn("connection failed", { conn: conn.id, error: String(e) });
+        this.disconnect(conn);
+      }
     }
   }
 
@@ -384,6 +411,8 @@ export class Server {
     } catch {}
     this.requests.abandon(conn);
     conn.pending = null;
+    conn.job = null; // what it freed so far stays freed
+    this.jobs.delete(conn);
     const released = this.ledger.release(conn.holdings, this.ctx, (msg, fields) => this.opts.log.warn(msg, fields));
     if (this.opts.releaseOnDisconnect && released.regions + released.ioevents > 0) {
       this.opts.log.info("released on disconnect", { conn: conn.id, ...released });
