@@ -21,6 +21,9 @@ const KVM_EXIT_IO_IN = 0;
 const PORT_CMOS_DATA = 0x71; // reads 0: no update in progress, a clock at zero
 const PORT_I8042_COMMAND = 0x64; // 0xFE there pulses the CPU reset line
 const I8042_RESET = 0xfe;
+// Opcodes vmemd completes where the host's KVM cannot emulate them (emulateMissing).
+const INT3 = 0xcc;
+const FWAIT = 0x9b;
 
 /** How long one blocking wait lasts before flags are looked at again (ms). Blocking, never spinning. */
 const WAIT_MS = 50;
@@ -198,7 +201,7 @@ class VcpuThread {
           this.fatal("vcpu shutdown (triple fault)", reason, {});
           return;
         case sys.KVM_EXIT_INTERNAL_ERROR: {
-          if (this.init.linux && this.int3(rv)) break;
+          if (this.init.linux && this.emulateMissing(rv)) break;
           const ndata = Math.min(rv.getUint32(sys.KVM_RUN_INTERNAL_SUBERROR + 4, true), 16);
           const data: string[] = [];
           for (let i = 0; i < ndata; i++) data.push(hex(rv.getBigUint64(sys.KVM_RUN_INTERNAL_SUBERROR + 8 + i * 8, true)));
@@ -221,32 +224,40 @@ class VcpuThread {
   }
 
   /**
-   * An INT3 the host's KVM could not emulate (software-nested KVMs lack it, and Linux runs
-   * one at boot to test its handler): delivered as the #BP exception it raises, with RIP
-   * past it, as the CPU would. False for any other emulation failure.
+   * An instruction the host's KVM could not emulate (software-nested KVMs lack a few) that
+   * vmemd can complete itself: INT3 becomes the #BP it raises, RIP past it, as the CPU does
+   * (Linux runs one at boot to test its handler); FWAIT, with no x87 exception ever pending
+   * in a guest that uses none, does nothing but move RIP on. False for any other failure.
    */
-  private int3(rv: DataView): boolean {
+  private emulateMissing(rv: DataView): boolean {
     const base = sys.KVM_RUN_INTERNAL_SUBERROR;
     if (rv.getUint32(base, true) !== sys.KVM_INTERNAL_ERROR_EMULATION) return false;
     // emulation_failure: suberror, ndata, u64 flags, u8 insn_size, u8 insn_bytes[15].
     if ((Number(rv.getBigUint64(base + 8, true)) & sys.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES) === 0) return false;
-    if (rv.getUint8(base + 16) < 1 || rv.getUint8(base + 17) !== 0xcc) return false;
+    if (rv.getUint8(base + 16) < 1) return false;
+    const opcode = rv.getUint8(base + 17);
+    if (opcode !== INT3 && opcode !== FWAIT) return false;
     const regs = new DataView(new ArrayBuffer(sys.KVM_REGS_SIZE));
     sys.ioctl(this.vcpuFd, sys.KVM_GET_REGS, regs, "KVM_GET_REGS");
-    regs.setBigUint64(sys.KVM_REGS.rip, regs.getBigUint64(sys.KVM_REGS.rip, true) + 1n, true);
+    const rip = regs.getBigUint64(sys.KVM_REGS.rip, true);
+    regs.setBigUint64(sys.KVM_REGS.rip, rip + 1n, true);
     sys.ioctl(this.vcpuFd, sys.KVM_SET_REGS, regs, "KVM_SET_REGS");
-    const ev = new DataView(new ArrayBuffer(sys.VCPU_EVENTS_SIZE));
-    sys.ioctl(this.vcpuFd, sys.KVM_GET_VCPU_EVENTS, ev, "KVM_GET_VCPU_EVENTS");
-    ev.setUint8(sys.VCPU_EVENTS.exceptionInjected, 1);
-    ev.setUint8(sys.VCPU_EVENTS.exceptionNr, 3); // #BP
-    ev.setUint8(sys.VCPU_EVENTS.exceptionHasErrorCode, 0);
-    ev.setUint8(sys.VCPU_EVENTS.exceptionPending, 0);
-    ev.setUint32(sys.VCPU_EVENTS.flags, 0, true); // leave NMI, SIPI, SMM and the rest as they are
-    sys.ioctl(this.vcpuFd, sys.KVM_SET_VCPU_EVENTS, ev, "KVM_SET_VCPU_EVENTS");
-    if (this.int3s++ === 0) this.message({ level: "info", msg: "vcpu: INT3 delivered for the host's KVM, which cannot emulate it", fields: { rip: hex(regs.getBigUint64(sys.KVM_REGS.rip, true) - 1n) } });
+    if (opcode === INT3) {
+      const ev = new DataView(new ArrayBuffer(sys.VCPU_EVENTS_SIZE));
+      sys.ioctl(this.vcpuFd, sys.KVM_GET_VCPU_EVENTS, ev, "KVM_GET_VCPU_EVENTS");
+      ev.setUint8(sys.VCPU_EVENTS.exceptionInjected, 1);
+      ev.setUint8(sys.VCPU_EVENTS.exceptionNr, 3); // #BP
+      ev.setUint8(sys.VCPU_EVENTS.exceptionHasErrorCode, 0);
+      ev.setUint8(sys.VCPU_EVENTS.exceptionPending, 0);
+      ev.setUint32(sys.VCPU_EVENTS.flags, 0, true); // leave NMI, SIPI, SMM and the rest as they are
+      sys.ioctl(this.vcpuFd, sys.KVM_SET_VCPU_EVENTS, ev, "KVM_SET_VCPU_EVENTS");
+    }
+    if (this.emulated++ === 0) {
+      this.message({ level: "info", msg: "vcpu: completing instructions the host's KVM cannot emulate (INT3, FWAIT)", fields: { rip: hex(rip), opcode: hex(opcode) } });
+    }
     return true;
   }
-  private int3s = 0;
+  private emulated = 0;
 
   private fatal(msg: string, reason: number, fields: Record<string, unknown>): void {
     this.message({ level: "error", msg, fields: { exit_reason: reason, ...fields, ...this.registers(), exits: this.cnt[Cnt.EXITS] } });

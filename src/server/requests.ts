@@ -67,9 +67,11 @@ export class Requests {
       if (conn.pending !== null) return this.chunk(conn, buf, start, end, len, flags, fds, enc);
       const bad = this.checkPacket(len, flags, fds);
       if (bad !== null) {
-        // Its descriptors are gone, but it may still be an MmapAndRegisterMemory whose chunks
-        // follow: learn its shape, so the one answer comes after them.
-        const shape = flags & sys.MSG_CTRUNC && !(flags & sys.MSG_TRUNC) ? decodeRequestShape(buf, start, end, enc) : null;
+        // Refused for its descriptors (cut short, or more than allowed), it may still be an
+        // MmapAndRegisterMemory whose chunks follow: learn its shape, so the one answer comes
+        // after them. (A body cut short or too large cannot be read at all.)
+        const whole = !(flags & sys.MSG_TRUNC) && len <= this.limits.maxPacket;
+        const shape = whole ? decodeRequestShape(buf, start, end, enc) : null;
         if (shape !== null && typeof shape === "object" && "MmapAndRegisterMemory" in shape) return this.startMmap(conn, shape, enc, bad);
         return this.answer(conn, errResponse(bad), enc, null);
       }
