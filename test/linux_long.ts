@@ -1,7 +1,7 @@
 // The long Linux boots, opt-in (`bun run test:linux`, not in the default suite): the
 // bzImage to its memory map (its decompressor runs in the emulator here: minutes), and a
-// boot with an initramfs to "Run /init as init process" (about ten minutes on this
-// machine's software-nested KVM) and, where the host runs guest userspace, to the line the
+// boot with an initramfs to "Run /init as init process" (about fifteen minutes on a
+// software-nested KVM) and, where the host runs guest userspace, to the line the
 // init prints before it reboots, after which vmemd exits with the guest's status.
 import { describe, expect, test } from "bun:test";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
@@ -86,7 +86,7 @@ describe("a real Linux kernel, the long way", () => {
       writeFileSync(initrd, cpio([{ name: "init", mode: 0o100755, data: buildInit(dir) }]));
       const s = await VmemdProcess.start(["--memory", "256M", "--kernel", kernel.vmlinux, "--initrd", initrd, "--cmdline", `${CONSOLE} ${SLOW_HOST.cmdline}`, ...SLOW_HOST.args]);
       try {
-        await until(s, '"Run /init as init process"', (l) => l.includes("Run /init as init process"), 900_000);
+        await until(s, '"Run /init as init process"', (l) => l.includes("Run /init as init process"), 1_500_000);
         // Userspace: on a host whose KVM runs guest ring 3 properly, the init prints and
         // reboots, and vmemd exits with the guest's status. This machine's nested KVM
         // mis-virtualises SYSCALL from ring 3: the init dies and the kernel panics instead.
@@ -103,5 +103,5 @@ describe("a real Linux kernel, the long way", () => {
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
-  }, 1_260_000);
+  }, 1_860_000);
 });
