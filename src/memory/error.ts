@@ -33,14 +33,6 @@ export function failure(errno: keyof typeof Errno, message: string): VmMemoryErr
   return new VmMemoryError(Errno[errno], message);
 }
 
-/**
- * `e` with `message` added as context, thrown: the form for the per-request paths, where
- * `withContext`'s closures would be allocated on every call.
- */
-export function rethrowWithContext(e: unknown, message: string): never {
-  throw VmMemoryError.from(e).context(message);
-}
-
 /** Runs `f`, adding `message` as context to whatever it throws. */
 export function withContext<T>(message: string | (() => string), f: () => T): T {
   try {

@@ -22,7 +22,6 @@ export const SIGUSR1 = 10;
 export const SIGUSR2 = 12;
 export const SIGTERM = 15;
 const SIG_BLOCK = 0;
-const SIG_UNBLOCK = 1;
 // bits/sigaction.h (glibc, x86_64): struct sigaction is 152 bytes:
 // sa_handler@0 (8), sa_mask@8 (sigset_t, 128), sa_flags@136 (int), sa_restorer@144.
 // glibc's sigaction() fills sa_restorer itself.
@@ -65,11 +64,6 @@ function sigmask(how: number, signals: readonly number[], call: string): void {
 /** Blocks `signals` on the calling thread only (pthread_sigmask SIG_BLOCK). */
 export function blockSignals(signals: readonly number[]): void {
   sigmask(SIG_BLOCK, signals, "pthread_sigmask(SIG_BLOCK)");
-}
-
-/** Unblocks `signals` on the calling thread only. */
-export function unblockSignals(signals: readonly number[]): void {
-  sigmask(SIG_UNBLOCK, signals, "pthread_sigmask(SIG_UNBLOCK)");
 }
 
 /** Signals blocked on thread `tid` of this process, from /proc (tests, diagnostics). */
