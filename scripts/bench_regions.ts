@@ -4,7 +4,7 @@
 import * as sys from "../src/sys";
 import { KvmVm, MiB } from "../src/kvm";
 import { execute, RegionState, SystemAllocator } from "../src/memory";
-import type { VmMemoryRequest } from "../src/protocol";
+import type { Request } from "../src/protocol";
 
 const BASE = 0x40_0000_0000; // 256 GiB: far from RAM and the MMIO pools
 const LEVELS = [1, 1_000, 10_000, 30_000];
@@ -14,7 +14,7 @@ const vm = KvmVm.create({ memory: 64 * MiB });
 const ctx = { vm, allocator: new SystemAllocator(64 * MiB, vm.physAddrLimit), state: new RegionState() };
 const fd = sys.memfdCreate("bench");
 sys.ftruncate(fd, 4096);
-const reg = (guest: number): VmMemoryRequest => ({
+const reg = (guest: number): Request<"RegisterMemory"> => ({
   RegisterMemory: {
     source: { SharedMemory: { descriptor: fd, size: 4096 } },
     dest: { GuestPhysicalAddress: guest },

@@ -56,7 +56,7 @@ describe("every request variant over the wire", () => {
     const fd = memfd(64 * 1024);
     const r = client.registerMemory({ Descriptor: { descriptor: fd, offset: 0, size: 64 * 1024 } }, { ExistingAllocation: { allocation: BAR, offset: 0x10000 } }, { read: true, write: false });
     const st = client.getState();
-    const bar = st.allocations.find((a) => "PciBar" in a.alloc)!;
+    const bar = st.allocations.find((a) => typeof a.alloc === "object" && "PciBar" in a.alloc)!;
     expect(r.region_id).toBe(Number(bar.start) + 0x10000);
     expect(st.regions.map((x) => x.kind).sort()).toEqual(["fixed", "prepared"]);
     client.unregisterMemory(r.region_id);

@@ -3,8 +3,8 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import * as sys from "../src/sys";
 import { KvmVm, MiB } from "../src/kvm";
-import {execute, type ExecContext } from "../src/memory";
-import type { Alloc, VmMemoryRequest, VmMemoryResponse } from "../src/protocol";
+import type { ExecContext } from "../src/memory";
+import type { Alloc, VmMemoryFileMapping, VmMemoryRequest, VmMemoryResponse } from "../src/protocol";
 import { allocated, executeAll as execute, closeAll, fdCount, memfd, memfdMappings, newContext, requireKvm } from "./helpers";
 
 const HIGH = 0x2_0000_0000;
@@ -56,9 +56,10 @@ const mmapReq = (): VmMemoryRequest => ({
     shm: { descriptor: fd, size: 8192 },
     dest: { GuestPhysicalAddress: HIGH + 0x100000 },
     num_file_mappings: 2,
-    file_mappings: files.map((file, i) => ({ file, length: 4096, mem_offset: i * 4096, file_offset: 0 })),
   },
 });
+/** What mmapReq's follow-up chunks carry: each file at its own page of the shm. */
+const mmapFiles = (): VmMemoryFileMapping[] => files.map((file, i) => ({ file, length: 4096, mem_offset: i * 4096, file_offset: 0 }));
 
 const cases: [string, string, keyof typeof sys.Errno, () => VmMemoryRequest, number?][] = [
   ["RegisterMemory", "mmap", "ENOMEM", () => reg(HIGH + 0x10000)],
@@ -84,7 +85,7 @@ describe("a failing system call leaves the state exactly as before", () => {
       if (what === "UnregisterMemory (fixed)") req = { UnregisterMemory: barStart };
       const before = snapshot();
       sys.injectFault(call, sys.Errno[errno], 1, after ?? 0);
-      const resp = execute(req, ctx);
+      const resp = execute(req, ctx, typeof req === "object" && "MmapAndRegisterMemory" in req ? mmapFiles() : []);
       sys.clearFaults();
       expect(resp).toMatchObject({ Err: { errno: sys.Errno[errno] } });
       const chain = (resp as { Err: { chain: string[] } }).Err.chain;

@@ -84,7 +84,7 @@ for (const enc of [MSGPACK, JSON_ENCODING] as Encoding[]) describe(`a guest on t
   });
 
   test("PrepareSharedMemoryRegion + ExistingAllocation: the mapping at BAR+offset, zeros elsewhere, zeros again after unregister", async () => {
-    const bar = client.getState().allocations.find((a) => "PciBar" in a.alloc)!;
+    const bar = client.getState().allocations.find((a) => typeof a.alloc === "object" && "PciBar" in a.alloc)!;
     const start = Number(bar.start);
     client.prepareSharedMemoryRegion(BAR);
     expect(await mailbox.read32(start + 0x10000)).toBe(0); // the empty arena reads zeros

@@ -3,7 +3,8 @@
 import { readFileSync } from "node:fs";
 import * as sys from "../src/sys";
 import { KvmVm, MiB } from "../src/kvm";
-import { RegionState, SystemAllocator, type ExecContext } from "../src/memory";
+import { execute, mmapAndRegister, RegionState, SystemAllocator, type ExecContext } from "../src/memory";
+import type { VmMemoryFileMapping, VmMemoryRequest, VmMemoryResponse } from "../src/protocol";
 
 /** Fails loudly (never skips) when this machine has no usable /dev/kvm. */
 export function requireKvm(): void {
@@ -74,14 +75,17 @@ export function allocated<T>(a: T | import("../src/memory").Refusal): T {
 }
 
 /**
- * execute(), with MmapAndRegisterMemory taking its mappings from a `file_mappings` field
- * (the server gathers them from the follow-up packets; in-process tests have them at hand).
+ * execute() for any request, as the server runs it: an MmapAndRegisterMemory takes its
+ * mappings from `files`, what its follow-up chunks carry (the server gathers them from the
+ * packets after the request; in-process tests have them at hand). `files` must hold exactly
+ * num_file_mappings mappings, and nothing for any other request.
  */
-export function executeAll(req: unknown, ctx: ExecContext): import("../src/protocol").VmMemoryResponse {
-  const m = require("../src/memory") as typeof import("../src/memory");
-  if (typeof req === "object" && req !== null && "MmapAndRegisterMemory" in req) {
-    const r = (req as { MmapAndRegisterMemory: { shm: never; dest: never; file_mappings?: never[] } }).MmapAndRegisterMemory;
-    return m.mmapAndRegister(ctx, r.shm, r.dest, r.file_mappings ?? []);
+export function executeAll(req: VmMemoryRequest, ctx: ExecContext, files: readonly VmMemoryFileMapping[] = []): VmMemoryResponse {
+  if (typeof req === "object" && "MmapAndRegisterMemory" in req) {
+    const { shm, dest, num_file_mappings } = req.MmapAndRegisterMemory;
+    if (Number(num_file_mappings) !== files.length) throw new Error(`num_file_mappings is ${num_file_mappings} but ${files.length} file mappings follow`);
+    return mmapAndRegister(ctx, shm, dest, files);
   }
-  return m.execute(req as never, ctx);
+  if (files.length > 0) throw new Error("file mappings follow only an MmapAndRegisterMemory");
+  return execute(req, ctx);
 }

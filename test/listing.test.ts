@@ -28,7 +28,7 @@ afterAll(async () => {
 });
 
 describe("30,000 live regions", () => {
-  for (const enc of [MSGPACK, JSON_ENCODING]) {
+  for (const enc of [MSGPACK, JSON_ENCODING] as const) {
     test(`GetState answers its first page, and GetRegions pages through all, in order (${enc === MSGPACK ? "MessagePack" : "JSON"})`, () => {
       const c = VmemClient.connect(server.socket, enc);
       try {

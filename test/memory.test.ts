@@ -3,8 +3,8 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import * as sys from "../src/sys";
 import { GiB, MemoryMapping, MiB } from "../src/kvm";
-import {execute, IntervalMap, NumberMap, type ExecContext } from "../src/memory";
-import type { Alloc, VmMemoryRequest, VmMemoryResponse } from "../src/protocol";
+import { IntervalMap, NumberMap, type ExecContext } from "../src/memory";
+import type { Alloc, VmMemoryFileMapping, VmMemoryRequest, VmMemoryResponse } from "../src/protocol";
 import { allocated, executeAll as execute, closeAll, fdCount, mapsCount, memfd, memfdMappings, newContext, rng } from "./helpers";
 import type { KvmVm } from "../src/kvm";
 
@@ -276,13 +276,13 @@ describe("MmapAndRegisterMemory", () => {
           shm: { descriptor: shmFd, size: 4 * 4096 },
           dest: { GuestPhysicalAddress: HIGH },
           num_file_mappings: 2,
-          file_mappings: [
-            { file: f1, length: 4096, mem_offset: 4096, file_offset: 0 },
-            { file: f2, length: 4096, mem_offset: 3 * 4096, file_offset: 4096 },
-          ],
         },
       },
       ctx,
+      [
+        { file: f1, length: 4096, mem_offset: 4096, file_offset: 0 },
+        { file: f2, length: 4096, mem_offset: 3 * 4096, file_offset: 4096 },
+      ],
     );
     const r = registered(resp);
     const v = ctx.vm.mappingOf(r.slot)!.view();
@@ -297,16 +297,16 @@ describe("MmapAndRegisterMemory", () => {
     const shmFd = keep(memfd(2 * 4096));
     const f1 = keep(memfd(4096));
     const [p1, p2] = sys.pipe();
-    const req = (files: { file: number; length: number; mem_offset: number; file_offset: number }[]): VmMemoryRequest => ({
-      MmapAndRegisterMemory: { shm: { descriptor: shmFd, size: 2 * 4096 }, dest: { GuestPhysicalAddress: HIGH }, num_file_mappings: files.length, file_mappings: files },
-    });
-    err(execute(req([{ file: f1, length: 4096, mem_offset: 2 * 4096, file_offset: 0 }]), ctx), "EINVAL"); // past shm
-    err(execute(req([{ file: f1, length: 8192, mem_offset: 0, file_offset: 0 }]), ctx), "EINVAL"); // past file
-    expect(execute(req([{ file: p1, length: 4096, mem_offset: 0, file_offset: 0 }]), ctx)).toHaveProperty("Err"); // a pipe: mmap refuses
+    // The request, then its file mappings as the follow-up chunks.
+    const mmap = (files: VmMemoryFileMapping[]): VmMemoryResponse =>
+      execute({ MmapAndRegisterMemory: { shm: { descriptor: shmFd, size: 2 * 4096 }, dest: { GuestPhysicalAddress: HIGH }, num_file_mappings: files.length } }, ctx, files);
+    err(mmap([{ file: f1, length: 4096, mem_offset: 2 * 4096, file_offset: 0 }]), "EINVAL"); // past shm
+    err(mmap([{ file: f1, length: 8192, mem_offset: 0, file_offset: 0 }]), "EINVAL"); // past file
+    expect(mmap([{ file: p1, length: 4096, mem_offset: 0, file_offset: 0 }])).toHaveProperty("Err"); // a pipe: mmap refuses
     sys.injectFault("mmap", sys.Errno.ENOMEM, 1);
     sys.injectFault("KVM_SET_USER_MEMORY_REGION", sys.Errno.EFAULT, 1);
-    err(execute(req([{ file: f1, length: 4096, mem_offset: 0, file_offset: 0 }]), ctx), "ENOMEM");
-    const chain = err(execute(req([{ file: f1, length: 4096, mem_offset: 0, file_offset: 0 }]), ctx), "EFAULT");
+    err(mmap([{ file: f1, length: 4096, mem_offset: 0, file_offset: 0 }]), "ENOMEM");
+    const chain = err(mmap([{ file: f1, length: 4096, mem_offset: 0, file_offset: 0 }]), "EFAULT");
     expect(chain[0]).toContain("KVM_SET_USER_MEMORY_REGION");
     sys.clearFaults();
     closeAll([p1, p2]);
