@@ -324,7 +324,7 @@ function registerMemory(ctx: ExecContext, source: VmMemorySource, dest: VmMemory
   // makes JSC allocate the function's scope, and a template string is built on every call.
   const mapping = mapSource(src, protection);
   // A descriptor the kernel will not map (a socket, a pipe) is the client's to send: a refusal.
-  if (typeof mapping === "number") return new Refusal(mapping, [sys.sysMessage("mmap", mapping), "failed to map the memory source"]);
+  if (typeof mapping === "number") return new Refusal(mapping, [sys.sysRefusalMessage("mmap", mapping), "failed to map the memory source"]);
   let slot: MemSlot;
   try {
     slot = ctx.vm.addMemoryRegion(guest, mapping, readOnly, cache);
@@ -352,7 +352,7 @@ function mapIntoArena(ctx: ExecContext, arena: PreparedArena, guest: GuestAddres
   let errno = ctx.vm.addFdMapping(arena.slot, offset, src.mapped, src.fd, src.offset, protection, false);
   if (errno === sys.Errno.EPERM && protection & sys.PROT_WRITE) errno = ctx.vm.addFdMapping(arena.slot, offset, src.mapped, src.fd, src.offset, protection, true);
   if (errno !== 0) {
-    return new Refusal(errno, [sys.sysMessage("mmap", errno), `failed to add fd mapping at offset ${hex(offset)} of the prepared region of ${describeAlloc(arena.alloc)}`]);
+    return new Refusal(errno, [sys.sysRefusalMessage("mmap", errno), `failed to add fd mapping at offset ${hex(offset)} of the prepared region of ${describeAlloc(arena.alloc)}`]);
   }
   const region: Region = { id: guest, size: src.mapped, slot: arena.slot, readOnly, arena };
   ctx.state.regions.set(guest, region);
@@ -441,7 +441,7 @@ export class MmapRegistration {
     if (busy !== null) return busy;
     const mapping = MemoryMapping.tryFromDescriptor(shm.descriptor, 0, mapped, sys.PROT_READ);
     // A descriptor the kernel will not map is the client's to send: a refusal, not an error.
-    if (typeof mapping === "number") return new Refusal(mapping, [sys.sysMessage("mmap", mapping), "failed to map the shm"]);
+    if (typeof mapping === "number") return new Refusal(mapping, [sys.sysRefusalMessage("mmap", mapping), "failed to map the shm"]);
     return new MmapRegistration(ctx, placement.guest, mapped, mapping);
   }
 
@@ -474,7 +474,7 @@ export class MmapRegistration {
     if (outside !== null) return outside;
     // Read-only: a write-sealed file maps shared as it is.
     const errno = mapping.tryMapFixed(memOffset, span, f.file, fileOffset, sys.PROT_READ);
-    return errno === 0 ? null : new Refusal(errno, [sys.sysMessage("mmap", errno), `failed to map ${what} at offset ${hex(memOffset)}`]);
+    return errno === 0 ? null : new Refusal(errno, [sys.sysRefusalMessage("mmap", errno), `failed to map ${what} at offset ${hex(memOffset)}`]);
   }
 
   /** Adds the slot; the mapping is the VM's from here on, whatever the outcome. */
@@ -600,7 +600,7 @@ function ioEvent(ctx: ExecContext, event: number, addr: U64, dm: Datamatch, regi
   if (guest < 0) return tooLarge("ioevent address", addr);
   const datamatch = ioeventDatamatch(dm);
   const errno = register ? ctx.vm.registerIoevent(event, guest, datamatch, pio) : ctx.vm.unregisterIoevent(event, guest, datamatch, pio);
-  return errno === 0 ? "Ok" : new Refusal(errno, [sys.sysMessage("KVM_IOEVENTFD", errno)]);
+  return errno === 0 ? "Ok" : new Refusal(errno, [sys.sysRefusalMessage("KVM_IOEVENTFD", errno)]);
 }
 
 // ---- the device plane ------------------------------------------------------
@@ -612,7 +612,7 @@ function irqFd(ctx: ExecContext, event: number, gsi: number, resample: number | 
   if (!ctx.vm.irqchip) return Refusal.of("ENOTSUP", "this VM has no in-kernel interrupt controller (it has one when vmemd runs a guest: --guest or --kernel)");
   if (gsi >= IOAPIC_PINS) return Refusal.of("EINVAL", `GSI ${gsi} is not an IOAPIC pin (0-${IOAPIC_PINS - 1})`);
   const errno = register ? ctx.vm.registerIrqfd(event, gsi, resample ?? -1) : ctx.vm.unregisterIrqfd(event, gsi);
-  return errno === 0 ? "Ok" : new Refusal(errno, [sys.sysMessage("KVM_IRQFD", errno)]);
+  return errno === 0 ? "Ok" : new Refusal(errno, [sys.sysRefusalMessage("KVM_IRQFD", errno)]);
 }
 
 /** Guest RAM as a device maps it: the one memfd, and where each part of it appears. */
