@@ -79,6 +79,11 @@ export function clearFaults(): void {
   faults = null;
 }
 
+/** Whether any fault is armed (a test is injecting them). */
+export function faultsArmed(): boolean {
+  return faults !== null;
+}
+
 /** Throws the injected fault for `call`, if one is armed. */
 export function checkFault(call: string): void {
   if (faults === null) return;
