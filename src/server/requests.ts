@@ -149,10 +149,10 @@ export class Requests {
     if ("RegisterMemory" in req) {
       fixed = this.landsInArena(req.RegisterMemory.dest);
       refused = this.ledger.checkRegion(h, registeredSize(req.RegisterMemory.source), fixed ? MAPPINGS_PER_FIXED : MAPPINGS_PER_REGION);
-      if (refused !== null) refused.context("failed to register memory");
+      if (refused !== null) refused = refused.context("failed to register memory");
     } else if (binding !== null && binding.register) {
       refused = this.ledger.checkBinding(h, binding.kind);
-      if (refused !== null) refused.context(`failed to register ${binding.key}`);
+      if (refused !== null) refused = refused.context(`failed to register ${binding.key}`);
     }
     if (refused !== null) return errResponse(refused);
     // --release-on-disconnect keeps its own copy of a binding's eventfd, taken before KVM has
@@ -201,7 +201,7 @@ export class Requests {
       const started = MmapRegistration.start(this.ctx, m.shm, m.dest);
       if (started instanceof Refusal) refused = started;
       else registration = started;
-    } else refused.context("failed to mmap and register memory");
+    } else refused = refused.context("failed to mmap and register memory");
     if (registration !== null) this.ledger.chargeMappings(h, MAPPINGS_PER_REGION);
     conn.pending = { encoding: enc, remaining: Number(count), registration, charged: registration === null ? 0 : MAPPINGS_PER_REGION, failure: refused };
     if (count === 0) this.finishMmap(conn);
