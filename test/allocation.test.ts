@@ -143,7 +143,8 @@ describe("allocation on the hot path", () => {
     const { plain } = serverCellsPerCycle(() => unknown, unknown, refused);
     // Per refusal, 16 when this was written: the decoded request, the Refusal, its chain and
     // its strings (the id in hex, the root cause, the context), the Err response and payload.
-    // 2 since the last ids' refusals are kept with their responses (the request, the bytes).
+    // 2 once the last ids' refusals were kept with their responses (the request, the bytes'
+    // view), 1 since their bytes are kept too (the request).
     expect(plain / 2).toBeLessThanOrEqual(20);
   }, 60_000);
 
@@ -154,7 +155,7 @@ describe("allocation on the hot path", () => {
       // An Ok pair is 6 cells (per request: the decoded request, its payload, the response's
       // bytes). The Err pair was 24 when this was written (its strings, refusal and
       // response), 26 at info (the log line's fields, built for every refusal and then
-      // dropped by the rate limit); 4 since.
+      // dropped by the rate limit); 2 since.
       expect(err).toBeLessThanOrEqual(ok);
     }, 60_000);
   }

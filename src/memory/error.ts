@@ -82,6 +82,20 @@ export class Refusal {
 
   /** The Err response: one object pair per refusal, however often it is answered. */
   answer(): VmMemoryResponse {
-    return (this.response ??= { Err: { errno: this.errno, chain: this.chain } });
+    if (this.response !== null) return this.response;
+    const resp: VmMemoryResponse = { Err: { errno: this.errno, chain: this.chain } };
+    if (this.kept) keptAnswers.set(resp, []);
+    return (this.response = resp);
   }
+}
+
+/**
+ * Kept refusals' answers, each with room for its bytes by encoding (the server's to fill):
+ * the same answer every time, so the same bytes, encoded once.
+ */
+const keptAnswers = new WeakMap<object, Uint8Array[]>();
+
+/** A kept refusal's answer's encoded bytes, by encoding, to fill in and reuse; undefined for any other response. */
+export function keptAnswerBytes(resp: VmMemoryResponse): Uint8Array[] | undefined {
+  return typeof resp === "object" ? keptAnswers.get(resp) : undefined;
 }
