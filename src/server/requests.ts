@@ -44,6 +44,12 @@ export type Respond = (conn: Connection, resp: VmMemoryResponse, enc: Encoding) 
 
 const REFUSED = "refused a request";
 
+/** A packet whose descriptors the kernel cut short (see Requests.tooLarge). */
+const FDS_CUT_SHORT = Refusal.kept(sys.Errno.EINVAL, [
+  `the packet's descriptors were cut short (more than ${sys.SCM_MAX_FD}, or vmemd's descriptor table is full)`,
+  "malformed packet",
+]);
+
 /** How long one slice of a long request runs before other peers get their turn. */
 const JOB_SLICE_MS = 0.5;
 
@@ -56,7 +62,9 @@ export class Requests {
     private readonly limits: RequestLimits,
     private readonly log: Logger,
     private readonly respond: Respond,
-  ) {}
+  ) {
+    this.tooLarge = Refusal.kept(sys.Errno.EINVAL, [`packet larger than ${limits.maxPacket} bytes`, "malformed packet"]);
+  }
 
   /**
    * One packet, bytes [start, end) of `buf`. Its descriptors are this call's to close, on
@@ -125,27 +133,37 @@ export class Requests {
 
   /** Limits every packet must meet before it is decoded (a request or a follow-up chunk). */
   private checkPacket(len: number, flags: number, fds: readonly number[]): Refusal | null {
-    if (flags & sys.MSG_TRUNC || len > this.limits.maxPacket) {
-      return Refusal.of("EINVAL", `packet larger than ${this.limits.maxPacket} bytes`).context("malformed packet");
-    }
+    if (flags & sys.MSG_TRUNC || len > this.limits.maxPacket) return this.tooLarge;
     if (fds.length > this.limits.maxFdsPerPacket) {
       return Refusal.of("EINVAL", `${fds.length} descriptors in one packet; the limit is ${this.limits.maxFdsPerPacket}`).context("malformed packet");
     }
-    if (flags & sys.MSG_CTRUNC) {
-      return Refusal.of("EINVAL", `the packet's descriptors were cut short (more than ${sys.SCM_MAX_FD}, or vmemd's descriptor table is full)`).context(
-        "malformed packet",
-      );
-    }
+    if (flags & sys.MSG_CTRUNC) return FDS_CUT_SHORT;
     return null;
+  }
+
+  /**
+   * Refusals a peer can have at packet rate whose text never changes, kept (Refusal.kept):
+   * answered with no new objects, their bytes encoded once (an Err each was a refusal, its
+   * chain, template strings, its response and its bytes: a refused GetGuestMemory was 6 heap
+   * cells in the server, 0 kept).
+   */
+  private readonly tooLarge: Refusal;
+  /** GetGuestMemory's refusal for the last uid refused it. */
+  private guestMemoryRefused: { uid: number; refusal: Refusal } | null = null;
+
+  private guestMemoryRefusal(uid: number): Refusal {
+    const last = this.guestMemoryRefused;
+    if (last !== null && last.uid === uid) return last.refusal;
+    const refusal = Refusal.kept(sys.Errno.EPERM, [`guest memory is shared only with the users --share-guest-memory-with names, not uid ${uid}`, "failed to get guest memory"]);
+    this.guestMemoryRefused = { uid, refusal };
+    return refusal;
   }
 
   /** Runs a request, after the connection's budget allows it; records what it now holds. */
   private execute(conn: Connection, req: Exclude<VmMemoryRequest, Mmap>): VmMemoryResponse {
     const h = conn.holdings;
     if (req === "GetGuestMemory" && !this.limits.shareGuestMemoryWith.includes(conn.peer.uid)) {
-      return errResponse(
-        Refusal.of("EPERM", `guest memory is shared only with the users --share-guest-memory-with names, not uid ${conn.peer.uid}`).context("failed to get guest memory"),
-      );
+      return this.guestMemoryRefusal(conn.peer.uid).answer();
     }
     if (typeof req === "string") return execute(req, this.ctx);
     let fixed = false;
