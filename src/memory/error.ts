@@ -68,9 +68,12 @@ export class Refusal {
     return new Refusal(Errno[errno], [root]);
   }
 
-  /** A refusal to keep and answer with again and again (never changed once made). */
+  /**
+   * A refusal to keep and answer with again and again (never changed once made: its chain
+   * is frozen, so a push into it fails loudly instead of changing every later answer).
+   */
   static kept(errno: number | null, chain: string[]): Refusal {
-    return new Refusal(errno, chain, true);
+    return new Refusal(errno, Object.freeze(chain) as string[], true);
   }
 
   /** Adds an outer context, as anyhow's `.context()`; use what it returns. */
