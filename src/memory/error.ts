@@ -1,5 +1,6 @@
 // The memory layer's error: errno plus a context chain, root cause first, the way
 // crosvm's anyhow contexts flatten into FlatVmMemoryResponseError.
+import type { VmMemoryResponse } from "../protocol/messages";
 import { Errno, SysError } from "../sys";
 
 export class VmMemoryError extends Error {
@@ -45,21 +46,59 @@ export function withContext<T>(message: string | (() => string), f: () => T): T 
 /**
  * A refused request as a value: what an Err response carries. Not an Error (no stack is
  * captured), so the paths a client can drive at request rate return it instead of throwing.
+ *
+ * A refusal can be made once and kept (Refusal.kept): the common request-rate refusals are,
+ * so that answering one again allocates nothing, not even its response (answer()). A kept
+ * refusal is never changed: context() on it returns a new one. So context()'s result is the
+ * refusal to use, always.
  */
 export class Refusal {
+  /** Its Err response, made on first use (answer()). */
+  private response: VmMemoryResponse | null = null;
+
   constructor(
     readonly errno: number | null,
     /** Root cause first, outermost context last. */
     readonly chain: string[],
+    /** Made once and answered many times: context() copies it instead. */
+    private readonly kept = false,
   ) {}
 
   static of(errno: keyof typeof Errno, root: string): Refusal {
     return new Refusal(Errno[errno], [root]);
   }
 
-  /** Adds an outer context, as anyhow's `.context()`. */
-  context(message: string): this {
+  /**
+   * A refusal to keep and answer with again and again (never changed once made: its chain
+   * is frozen, so a push into it fails loudly instead of changing every later answer).
+   */
+  static kept(errno: number | null, chain: string[]): Refusal {
+    return new Refusal(errno, Object.freeze(chain) as string[], true);
+  }
+
+  /** Adds an outer context, as anyhow's `.context()`; use what it returns. */
+  context(message: string): Refusal {
+    if (this.kept) return new Refusal(this.errno, [...this.chain, message]);
     this.chain.push(message);
     return this;
   }
+
+  /** The Err response: one object pair per refusal, however often it is answered. */
+  answer(): VmMemoryResponse {
+    if (this.response !== null) return this.response;
+    const resp: VmMemoryResponse = { Err: { errno: this.errno, chain: this.chain } };
+    if (this.kept) keptAnswers.set(resp, []);
+    return (this.response = resp);
+  }
+}
+
+/**
+ * Kept refusals' answers, each with room for its bytes by encoding (the server's to fill):
+ * the same answer every time, so the same bytes, encoded once.
+ */
+const keptAnswers = new WeakMap<object, Uint8Array[]>();
+
+/** A kept refusal's answer's encoded bytes, by encoding, to fill in and reuse; undefined for any other response. */
+export function keptAnswerBytes(resp: VmMemoryResponse): Uint8Array[] | undefined {
+  return typeof resp === "object" ? keptAnswers.get(resp) : undefined;
 }

@@ -42,7 +42,8 @@ type Result = VmMemoryResponse | Refusal;
 
 /** The Err response for a refusal or a thrown error. */
 export function errResponse(e: unknown): VmMemoryResponse {
-  const r = e instanceof Refusal ? e : VmMemoryError.from(e);
+  if (e instanceof Refusal) return e.answer();
+  const r = VmMemoryError.from(e);
   return { Err: { errno: r.errno, chain: r.chain } };
 }
 
@@ -57,7 +58,7 @@ export function execute(req: Exclude<VmMemoryRequest, { MmapAndRegisterMemory: u
     const context = typeof req === "object" ? contextOf(req) : null;
     return errResponse(context === null || err.chain.at(-1) === context ? err : err.context(context));
   }
-  return r instanceof Refusal ? errResponse(r) : r;
+  return r instanceof Refusal ? r.answer() : r;
 }
 
 /** The outermost context of a request's failures (built only when one fails). */
@@ -82,11 +83,8 @@ function dispatch(req: Exclude<VmMemoryRequest, { MmapAndRegisterMemory: unknown
     const r = req.RegisterMemory;
     return withContext(registerMemory(ctx, r.source, r.dest, r.prot, r.cache), "failed to register memory");
   }
-  if ("UnregisterMemory" in req) {
-    const id = req.UnregisterMemory;
-    const r = unregisterMemory(ctx, id);
-    return r instanceof Refusal ? r.context(`failed to unregister memory region ${hex(id)}`) : r;
-  }
+  // Its refusal comes with its context (unknownRegion).
+  if ("UnregisterMemory" in req) return unregisterMemory(ctx, req.UnregisterMemory);
   if ("BalloonTargetReached" in req) {
     ctx.state.balloonTarget = req.BalloonTargetReached.size;
     return "Ok";
@@ -171,31 +169,26 @@ function protBits(prot: Protection): number | Refusal {
   return prot.write ? sys.PROT_READ | sys.PROT_WRITE : sys.PROT_READ;
 }
 
-/** What a source descriptor is, as far as mapping it goes. */
-interface SourceInfo {
-  /** The object's size where the kernel reports one (file, memfd, dma-buf); -1 if unknown. */
-  objectSize: number;
-}
-
 /**
- * Inspects a source descriptor. A memfd that allows sealing is sealed against shrinking, so
- * the size checked is its size for good (the seal stays if the request is refused later);
- * one that does not allow it, or a plain file, is checked as it is. Nothing here throws for
- * a descriptor that simply is not a memfd. (Write seals need no look: see mapSource.)
+ * Inspects a source descriptor: the object's size where the kernel reports one (file, memfd,
+ * dma-buf), -1 if it reports none. A memfd that allows sealing is sealed against shrinking,
+ * so the size checked is its size for good (the seal stays if the request is refused later);
+ * one that does not allow it, or a plain file, is checked as it is. Nothing here throws or
+ * allocates for a descriptor that simply is not a memfd, or cannot be sealed: the size is a
+ * number, not a stat object and a SourceInfo (the register cycle's 21 heap cells became 19),
+ * and the sealing's failure is not even asked why (sys.addSeals: reading errno was the one
+ * call, about 30 ns, a memfd without sealing cost more than one with it). (Write seals need
+ * no look: see mapSource.)
  */
-function inspectSource(fd: number, what: string): SourceInfo | Refusal {
-  sys.tryFcntl(fd, sys.F_ADD_SEALS, sys.F_SEAL_SHRINK);
-  let st: sys.Stat;
-  try {
-    st = sys.fstat(fd);
-  } catch (e) {
-    return errorRefusal(e).context(`${what}: cannot inspect descriptor ${fd}`);
-  }
-  const type = st.mode & sys.S_IFMT;
+function inspectSource(fd: number, what: string): number | Refusal {
+  sys.addSeals(fd, sys.F_SEAL_SHRINK);
+  const rc = sys.tryFstat(fd);
+  if (rc < 0) return new Refusal(-rc, [sys.sysRefusalMessage("fstat", -rc), `${what}: cannot inspect descriptor ${fd}`]);
+  const type = sys.statMode() & sys.S_IFMT;
   // A regular file or memfd reports its size; so does a dma-buf (an anonymous inode whose
   // size is the buffer's). Devices and other anonymous inodes report none: mmap decides.
-  const objectSize = type === sys.S_IFREG || (type === 0 && st.size > 0) ? st.size : -1;
-  return { objectSize };
+  const size = sys.statSize();
+  return type === sys.S_IFREG || (type === 0 && size > 0) ? size : -1;
 }
 
 /** [offset, offset+size) lies inside an object of `objectSize` bytes (when that is known). */
@@ -260,9 +253,9 @@ function sourceRange(source: VmMemorySource): SourceRange | Refusal {
     if (!Number.isSafeInteger(offset + size)) return Refusal.of("EOVERFLOW", `source range ${hex(offset)}+${hex(size)} overflows`);
   }
   if (size === 0) return Refusal.of("EINVAL", "memory source: size is zero");
-  const info = inspectSource(fd, "memory source");
-  if (info instanceof Refusal) return info;
-  const outside = checkInside(info.objectSize, offset, size, "memory source");
+  const objectSize = inspectSource(fd, "memory source");
+  if (objectSize instanceof Refusal) return objectSize;
+  const outside = checkInside(objectSize, offset, size, "memory source");
   if (outside !== null) return outside;
   return { fd, offset, size, mapped: pageUp(size) };
 }
@@ -324,7 +317,7 @@ function registerMemory(ctx: ExecContext, source: VmMemorySource, dest: VmMemory
   // makes JSC allocate the function's scope, and a template string is built on every call.
   const mapping = mapSource(src, protection);
   // A descriptor the kernel will not map (a socket, a pipe) is the client's to send: a refusal.
-  if (typeof mapping === "number") return new Refusal(mapping, [sys.sysMessage("mmap", mapping), "failed to map the memory source"]);
+  if (typeof mapping === "number") return new Refusal(mapping, [sys.sysRefusalMessage("mmap", mapping), "failed to map the memory source"]);
   let slot: MemSlot;
   try {
     slot = ctx.vm.addMemoryRegion(guest, mapping, readOnly, cache);
@@ -352,7 +345,7 @@ function mapIntoArena(ctx: ExecContext, arena: PreparedArena, guest: GuestAddres
   let errno = ctx.vm.addFdMapping(arena.slot, offset, src.mapped, src.fd, src.offset, protection, false);
   if (errno === sys.Errno.EPERM && protection & sys.PROT_WRITE) errno = ctx.vm.addFdMapping(arena.slot, offset, src.mapped, src.fd, src.offset, protection, true);
   if (errno !== 0) {
-    return new Refusal(errno, [sys.sysMessage("mmap", errno), `failed to add fd mapping at offset ${hex(offset)} of the prepared region of ${describeAlloc(arena.alloc)}`]);
+    return new Refusal(errno, [sys.sysRefusalMessage("mmap", errno), `failed to add fd mapping at offset ${hex(offset)} of the prepared region of ${describeAlloc(arena.alloc)}`]);
   }
   const region: Region = { id: guest, size: src.mapped, slot: arena.slot, readOnly, arena };
   ctx.state.regions.set(guest, region);
@@ -360,9 +353,38 @@ function mapIntoArena(ctx: ExecContext, arena: PreparedArena, guest: GuestAddres
   return { RegisterMemory: { region_id: guest, slot: arena.slot } };
 }
 
+/**
+ * The last few unknown ids' refusals, kept: a client can ask to unregister a region that is
+ * not there as fast as it likes (a double unregister in a loop, a stale id). Answering a kept
+ * one allocates nothing; formatting it anew (the id in hex twice, two template strings, the
+ * refusal, its chain and its response: 10 heap cells) made the server's time for the Err
+ * round trip 1.21-1.24x an Ok one's (BalloonTargetReached), measured in-process; with it,
+ * 1.10x, the rest being the chain's bytes to encode. A new id costs one format (one hex).
+ */
+const UNKNOWN_KEPT = 16;
+const unknownIds: number[] = new Array<number>(UNKNOWN_KEPT).fill(-1);
+const unknownRefusals: (Refusal | null)[] = new Array<Refusal | null>(UNKNOWN_KEPT).fill(null);
+
+/** UnregisterMemory's refusal for an id with no region, context included. */
+function unknownRegion(id: U64): Refusal {
+  const n = regionIdOf(id);
+  if (n < 0) return unknownRegionRefusal(hex(id), false); // beyond 2^53: no region could be there
+  // Region ids are guest addresses, mostly page aligned: the page number picks the entry.
+  const k = Math.floor(n / PAGE_SIZE) % UNKNOWN_KEPT;
+  if (unknownIds[k] === n) return unknownRefusals[k]!;
+  const r = unknownRegionRefusal(hex(n), true);
+  unknownIds[k] = n;
+  unknownRefusals[k] = r;
+  return r;
+}
+
+function unknownRegionRefusal(id: string, kept: boolean): Refusal {
+  return new Refusal(sys.Errno.ENOENT, [`no registered memory region with id ${id}`, `failed to unregister memory region ${id}`], kept);
+}
+
 function unregisterMemory(ctx: ExecContext, id: U64): Result {
   const region = ctx.state.regions.get(regionIdOf(id));
-  if (region === undefined) return Refusal.of("ENOENT", `no registered memory region with id ${hex(id)}`);
+  if (region === undefined) return unknownRegion(id);
   if (region.arena !== null) {
     const arena = region.arena;
     ctx.vm.removeMapping(arena.slot, region.id - arena.start, region.size);
@@ -429,9 +451,9 @@ export class MmapRegistration {
     const size = num(shm.size);
     if (size < 0) return tooLarge("shm size", shm.size);
     if (size === 0) return Refusal.of("EINVAL", "shm: size is zero");
-    const info = inspectSource(shm.descriptor, "shm");
-    if (info instanceof Refusal) return info;
-    const outside = checkInside(info.objectSize, 0, size, "shm");
+    const objectSize = inspectSource(shm.descriptor, "shm");
+    if (objectSize instanceof Refusal) return objectSize;
+    const outside = checkInside(objectSize, 0, size, "shm");
     if (outside !== null) return outside;
     const mapped = pageUp(size);
     const placement = place(ctx, dest, mapped);
@@ -441,7 +463,7 @@ export class MmapRegistration {
     if (busy !== null) return busy;
     const mapping = MemoryMapping.tryFromDescriptor(shm.descriptor, 0, mapped, sys.PROT_READ);
     // A descriptor the kernel will not map is the client's to send: a refusal, not an error.
-    if (typeof mapping === "number") return new Refusal(mapping, [sys.sysMessage("mmap", mapping), "failed to map the shm"]);
+    if (typeof mapping === "number") return new Refusal(mapping, [sys.sysRefusalMessage("mmap", mapping), "failed to map the shm"]);
     return new MmapRegistration(ctx, placement.guest, mapped, mapping);
   }
 
@@ -468,13 +490,13 @@ export class MmapRegistration {
     if (memOffset + span > this.size) {
       return Refusal.of("EINVAL", `${what}: ${hex(memOffset)}+${hex(span)} extends past the shm (${hex(this.size)} bytes)`);
     }
-    const info = inspectSource(f.file, what);
-    if (info instanceof Refusal) return info;
-    const outside = checkInside(info.objectSize, fileOffset, length, what);
+    const objectSize = inspectSource(f.file, what);
+    if (objectSize instanceof Refusal) return objectSize;
+    const outside = checkInside(objectSize, fileOffset, length, what);
     if (outside !== null) return outside;
     // Read-only: a write-sealed file maps shared as it is.
     const errno = mapping.tryMapFixed(memOffset, span, f.file, fileOffset, sys.PROT_READ);
-    return errno === 0 ? null : new Refusal(errno, [sys.sysMessage("mmap", errno), `failed to map ${what} at offset ${hex(memOffset)}`]);
+    return errno === 0 ? null : new Refusal(errno, [sys.sysRefusalMessage("mmap", errno), `failed to map ${what} at offset ${hex(memOffset)}`]);
   }
 
   /** Adds the slot; the mapping is the VM's from here on, whatever the outcome. */
@@ -600,7 +622,7 @@ function ioEvent(ctx: ExecContext, event: number, addr: U64, dm: Datamatch, regi
   if (guest < 0) return tooLarge("ioevent address", addr);
   const datamatch = ioeventDatamatch(dm);
   const errno = register ? ctx.vm.registerIoevent(event, guest, datamatch, pio) : ctx.vm.unregisterIoevent(event, guest, datamatch, pio);
-  return errno === 0 ? "Ok" : new Refusal(errno, [sys.sysMessage("KVM_IOEVENTFD", errno)]);
+  return errno === 0 ? "Ok" : new Refusal(errno, [sys.sysRefusalMessage("KVM_IOEVENTFD", errno)]);
 }
 
 // ---- the device plane ------------------------------------------------------
@@ -612,7 +634,7 @@ function irqFd(ctx: ExecContext, event: number, gsi: number, resample: number | 
   if (!ctx.vm.irqchip) return Refusal.of("ENOTSUP", "this VM has no in-kernel interrupt controller (it has one when vmemd runs a guest: --guest or --kernel)");
   if (gsi >= IOAPIC_PINS) return Refusal.of("EINVAL", `GSI ${gsi} is not an IOAPIC pin (0-${IOAPIC_PINS - 1})`);
   const errno = register ? ctx.vm.registerIrqfd(event, gsi, resample ?? -1) : ctx.vm.unregisterIrqfd(event, gsi);
-  return errno === 0 ? "Ok" : new Refusal(errno, [sys.sysMessage("KVM_IRQFD", errno)]);
+  return errno === 0 ? "Ok" : new Refusal(errno, [sys.sysRefusalMessage("KVM_IRQFD", errno)]);
 }
 
 /** Guest RAM as a device maps it: the one memfd, and where each part of it appears. */

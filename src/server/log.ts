@@ -86,16 +86,32 @@ export class RateLimitedLog {
   }
 
   event(level: LogLevel, msg: string, fields: Record<string, unknown> = {}): void {
-    if (!this.log.enabled(level)) return;
+    if (this.due(level, msg)) this.emit(level, msg, fields);
+  }
+
+  /**
+   * Whether an event of `msg` is to be logged now; if not, it is counted, as event() counts
+   * it. When true, emit() logs it. For a caller whose fields cost something to build (a
+   * peer's refused requests): they are built only for the line that is written.
+   */
+  due(level: LogLevel, msg: string): boolean {
+    if (!this.log.enabled(level)) return false;
+    const k = this.kinds.get(msg);
+    if (k === undefined) return true;
+    if (this.now() - k.last < this.intervalMs) {
+      k.suppressed++;
+      return false;
+    }
+    return true;
+  }
+
+  /** Logs an event due() said is due, with the count of those held back before it. */
+  emit(level: LogLevel, msg: string, fields: Record<string, unknown> = {}): void {
     const t = this.now();
     const k = this.kinds.get(msg);
     if (k === undefined) {
       this.kinds.set(msg, { level, last: t, suppressed: 0 });
       return this.log.log(level, msg, fields);
-    }
-    if (t - k.last < this.intervalMs) {
-      k.suppressed++;
-      return;
     }
     this.log.log(level, k.suppressed > 0 ? `${msg} (and ${k.suppressed} more in the last ${seconds(t - k.last)})` : msg, fields);
     k.last = t;

@@ -42,6 +42,14 @@ export interface RequestLimits {
 
 export type Respond = (conn: Connection, resp: VmMemoryResponse, enc: Encoding) => void;
 
+const REFUSED = "refused a request";
+
+/** A packet whose descriptors the kernel cut short (see Requests.tooLarge). */
+const FDS_CUT_SHORT = Refusal.kept(sys.Errno.EINVAL, [
+  `the packet's descriptors were cut short (more than ${sys.SCM_MAX_FD}, or vmemd's descriptor table is full)`,
+  "malformed packet",
+]);
+
 /** How long one slice of a long request runs before other peers get their turn. */
 const JOB_SLICE_MS = 0.5;
 
@@ -54,7 +62,9 @@ export class Requests {
     private readonly limits: RequestLimits,
     private readonly log: Logger,
     private readonly respond: Respond,
-  ) {}
+  ) {
+    this.tooLarge = Refusal.kept(sys.Errno.EINVAL, [`packet larger than ${limits.maxPacket} bytes`, "malformed packet"]);
+  }
 
   /**
    * One packet, bytes [start, end) of `buf`. Its descriptors are this call's to close, on
@@ -92,11 +102,14 @@ export class Requests {
    * errno (rate limited: one line per second, with a count of the rest).
    */
   private answer(conn: Connection, resp: VmMemoryResponse, enc: Encoding, req: VmMemoryRequest | string | null): void {
-    if (typeof resp === "object" && "Err" in resp && this.log.enabled("info")) {
+    // The line's fields are built only when it is written (due): building them for every
+    // refusal, to be dropped by the rate limit, was an object and a key walk per Err (2 of
+    // the 13 heap cells an Err round trip made at info, serve's default level).
+    if (typeof resp === "object" && "Err" in resp && this.log.limited.due("info", REFUSED)) {
       let kind = typeof req === "string" ? req : "malformed";
       if (req !== null && typeof req === "object") for (const k in req) kind = k;
       const e = resp.Err;
-      this.log.limited.info("refused a request", { conn: conn.id, pid: conn.peer.pid, uid: conn.peer.uid, request: kind, errno: e.errno === null ? "none" : sys.errnoName(e.errno), cause: e.chain[0] });
+      this.log.limited.emit("info", REFUSED, { conn: conn.id, pid: conn.peer.pid, uid: conn.peer.uid, request: kind, errno: e.errno === null ? "none" : sys.errnoName(e.errno), cause: e.chain[0] });
     }
     this.respond(conn, resp, enc);
   }
@@ -120,27 +133,37 @@ export class Requests {
 
   /** Limits every packet must meet before it is decoded (a request or a follow-up chunk). */
   private checkPacket(len: number, flags: number, fds: readonly number[]): Refusal | null {
-    if (flags & sys.MSG_TRUNC || len > this.limits.maxPacket) {
-      return Refusal.of("EINVAL", `packet larger than ${this.limits.maxPacket} bytes`).context("malformed packet");
-    }
+    if (flags & sys.MSG_TRUNC || len > this.limits.maxPacket) return this.tooLarge;
     if (fds.length > this.limits.maxFdsPerPacket) {
       return Refusal.of("EINVAL", `${fds.length} descriptors in one packet; the limit is ${this.limits.maxFdsPerPacket}`).context("malformed packet");
     }
-    if (flags & sys.MSG_CTRUNC) {
-      return Refusal.of("EINVAL", `the packet's descriptors were cut short (more than ${sys.SCM_MAX_FD}, or vmemd's descriptor table is full)`).context(
-        "malformed packet",
-      );
-    }
+    if (flags & sys.MSG_CTRUNC) return FDS_CUT_SHORT;
     return null;
+  }
+
+  /**
+   * Refusals a peer can have at packet rate whose text never changes, kept (Refusal.kept):
+   * answered with no new objects, their bytes encoded once (an Err each was a refusal, its
+   * chain, template strings, its response and its bytes: a refused GetGuestMemory was 6 heap
+   * cells in the server, 0 kept).
+   */
+  private readonly tooLarge: Refusal;
+  /** GetGuestMemory's refusal for the last uid refused it. */
+  private guestMemoryRefused: { uid: number; refusal: Refusal } | null = null;
+
+  private guestMemoryRefusal(uid: number): Refusal {
+    const last = this.guestMemoryRefused;
+    if (last !== null && last.uid === uid) return last.refusal;
+    const refusal = Refusal.kept(sys.Errno.EPERM, [`guest memory is shared only with the users --share-guest-memory-with names, not uid ${uid}`, "failed to get guest memory"]);
+    this.guestMemoryRefused = { uid, refusal };
+    return refusal;
   }
 
   /** Runs a request, after the connection's budget allows it; records what it now holds. */
   private execute(conn: Connection, req: Exclude<VmMemoryRequest, Mmap>): VmMemoryResponse {
     const h = conn.holdings;
     if (req === "GetGuestMemory" && !this.limits.shareGuestMemoryWith.includes(conn.peer.uid)) {
-      return errResponse(
-        Refusal.of("EPERM", `guest memory is shared only with the users --share-guest-memory-with names, not uid ${conn.peer.uid}`).context("failed to get guest memory"),
-      );
+      return this.guestMemoryRefusal(conn.peer.uid).answer();
     }
     if (typeof req === "string") return execute(req, this.ctx);
     let fixed = false;
@@ -149,10 +172,10 @@ export class Requests {
     if ("RegisterMemory" in req) {
       fixed = this.landsInArena(req.RegisterMemory.dest);
       refused = this.ledger.checkRegion(h, registeredSize(req.RegisterMemory.source), fixed ? MAPPINGS_PER_FIXED : MAPPINGS_PER_REGION);
-      if (refused !== null) refused.context("failed to register memory");
+      if (refused !== null) refused = refused.context("failed to register memory");
     } else if (binding !== null && binding.register) {
       refused = this.ledger.checkBinding(h, binding.kind);
-      if (refused !== null) refused.context(`failed to register ${binding.key}`);
+      if (refused !== null) refused = refused.context(`failed to register ${binding.key}`);
     }
     if (refused !== null) return errResponse(refused);
     // --release-on-disconnect keeps its own copy of a binding's eventfd, taken before KVM has
@@ -201,7 +224,7 @@ export class Requests {
       const started = MmapRegistration.start(this.ctx, m.shm, m.dest);
       if (started instanceof Refusal) refused = started;
       else registration = started;
-    } else refused.context("failed to mmap and register memory");
+    } else refused = refused.context("failed to mmap and register memory");
     if (registration !== null) this.ledger.chargeMappings(h, MAPPINGS_PER_REGION);
     conn.pending = { encoding: enc, remaining: Number(count), registration, charged: registration === null ? 0 : MAPPINGS_PER_REGION, failure: refused };
     if (count === 0) this.finishMmap(conn);

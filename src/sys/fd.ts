@@ -1,6 +1,6 @@
 // Descriptors: open/close/read/write, memfd, eventfd, fstat, fcntl, rlimits.
 import { libc } from "./libc";
-import { check, checkFault, lastErrno, SysError } from "./error";
+import { check, checkFault, faultsArmed, lastErrno, SysError } from "./error";
 import { getU64 } from "./u64";
 
 // asm-generic/fcntl.h, linux/memfd.h, sys/eventfd.h, asm-generic/resource.h
@@ -91,13 +91,14 @@ export function fcntl(fd: number, cmd: number, arg = 0): number {
 }
 
 /**
- * fcntl for calls whose failure is an answer, not an error (a memfd that does not allow
- * sealing, a file that is no memfd): the result, or -errno. Nothing is thrown: clients
- * drive these at request rate, and a thrown error costs microseconds.
+ * Adds `seals` to a memfd, where it allows them: true if they are set now. A memfd made
+ * without MFD_ALLOW_SEALING, or a file that is no memfd, answers EPERM or EINVAL, and that
+ * is an answer, not an error: the caller does not look at errno, so it is not read (the
+ * one call more a memfd without sealing cost on every RegisterMemory, against one that
+ * allows it).
  */
-export function tryFcntl(fd: number, cmd: number, arg = 0): number {
-  const rc = libc.fcntl(fd, cmd, arg);
-  return rc === -1 ? -lastErrno() : rc;
+export function addSeals(fd: number, seals: number): boolean {
+  return libc.fcntl(fd, F_ADD_SEALS, seals) === 0;
 }
 
 /** Sets or clears O_NONBLOCK on the open file description. */
@@ -121,6 +122,32 @@ export function fstat(fd: number): Stat {
   checkFault("fstat");
   check("fstat", libc.fstat(fd, statBuf));
   return { mode: statView.getUint32(24, true), size: getU64(statView, 48), blocks: getU64(statView, 64) };
+}
+
+/**
+ * fstat for a descriptor a client sent: 0, or -errno (nothing thrown); the result is read
+ * with statMode() and statSize() until this module's next stat call. No object per call: fstat()'s
+ * {mode, size, blocks} was one of the heap cells of every RegisterMemory.
+ */
+export function tryFstat(fd: number): number {
+  if (faultsArmed()) {
+    try {
+      checkFault("fstat");
+    } catch (e) {
+      return -(e as SysError).errno;
+    }
+  }
+  return libc.fstat(fd, statBuf) === -1 ? -lastErrno() : 0;
+}
+
+/** st_mode of the last tryFstat. */
+export function statMode(): number {
+  return statView.getUint32(24, true);
+}
+
+/** st_size of the last tryFstat. */
+export function statSize(): number {
+  return getU64(statView, 48);
 }
 
 /** What names one file: device and inode, with its st_mode (for "is it still ours?"). */
