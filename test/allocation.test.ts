@@ -143,8 +143,8 @@ describe("allocation on the hot path", () => {
     const { plain } = serverCellsPerCycle(() => unknown, unknown, refused);
     // Per refusal, 16 when this was written: the decoded request, the Refusal, its chain and
     // its strings (the id in hex, the root cause, the context), the Err response and payload.
-    // 2 once the last ids' refusals were kept with their responses (the request, the bytes'
-    // view), 1 since their bytes are kept too (the request).
+    // 1 since its text is fixed and the refusal, its response and their bytes are made once
+    // (the decoded request).
     expect(plain / 2).toBeLessThanOrEqual(20);
   }, 60_000);
 

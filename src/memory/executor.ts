@@ -83,7 +83,7 @@ function dispatch(req: Exclude<VmMemoryRequest, { MmapAndRegisterMemory: unknown
     const r = req.RegisterMemory;
     return withContext(registerMemory(ctx, r.source, r.dest, r.prot, r.cache), "failed to register memory");
   }
-  // Its refusal comes with its context (unknownRegion).
+  // Its refusal comes with its context (UNKNOWN_REGION).
   if ("UnregisterMemory" in req) return unregisterMemory(ctx, req.UnregisterMemory);
   if ("BalloonTargetReached" in req) {
     ctx.state.balloonTarget = req.BalloonTargetReached.size;
@@ -354,37 +354,16 @@ function mapIntoArena(ctx: ExecContext, arena: PreparedArena, guest: GuestAddres
 }
 
 /**
- * The last few unknown ids' refusals, kept: a client can ask to unregister a region that is
- * not there as fast as it likes (a double unregister in a loop, a stale id). Answering a kept
- * one allocates nothing; formatting it anew (the id in hex twice, two template strings, the
- * refusal, its chain and its response: 10 heap cells) made the server's time for the Err
- * round trip 1.21-1.24x an Ok one's (BalloonTargetReached), measured in-process; with it,
- * 1.10x, the rest being the chain's bytes to encode. A new id costs one format (one hex).
+ * UnregisterMemory's refusal for an id with no region, its context included. A client can
+ * send stale ids as fast as it likes, so the text is fixed (the id is in the client's own
+ * request) and the refusal made once: answering it allocates nothing. Formatting the id in
+ * hex into both messages made the Err round trip cost 1.2x an Ok one in server CPU.
  */
-const UNKNOWN_KEPT = 16;
-const unknownIds: number[] = new Array<number>(UNKNOWN_KEPT).fill(-1);
-const unknownRefusals: (Refusal | null)[] = new Array<Refusal | null>(UNKNOWN_KEPT).fill(null);
-
-/** UnregisterMemory's refusal for an id with no region, context included. */
-function unknownRegion(id: U64): Refusal {
-  const n = regionIdOf(id);
-  if (n < 0) return unknownRegionRefusal(hex(id), false); // beyond 2^53: no region could be there
-  // Region ids are guest addresses, mostly page aligned: the page number picks the entry.
-  const k = Math.floor(n / PAGE_SIZE) % UNKNOWN_KEPT;
-  if (unknownIds[k] === n) return unknownRefusals[k]!;
-  const r = unknownRegionRefusal(hex(n), true);
-  unknownIds[k] = n;
-  unknownRefusals[k] = r;
-  return r;
-}
-
-function unknownRegionRefusal(id: string, kept: boolean): Refusal {
-  return new Refusal(sys.Errno.ENOENT, [`no registered memory region with id ${id}`, `failed to unregister memory region ${id}`], kept);
-}
+const UNKNOWN_REGION = Refusal.kept(sys.Errno.ENOENT, ["no memory region is registered with this id", "failed to unregister memory region"]);
 
 function unregisterMemory(ctx: ExecContext, id: U64): Result {
   const region = ctx.state.regions.get(regionIdOf(id));
-  if (region === undefined) return unknownRegion(id);
+  if (region === undefined) return UNKNOWN_REGION;
   if (region.arena !== null) {
     const arena = region.arena;
     ctx.vm.removeMapping(arena.slot, region.id - arena.start, region.size);
