@@ -143,20 +143,23 @@ describe("allocation on the hot path", () => {
     const { plain } = serverCellsPerCycle(() => unknown, unknown, refused);
     // Per refusal, 16 when this was written: the decoded request, the Refusal, its chain and
     // its strings (the id in hex, the root cause, the context), the Err response and payload.
-    // 1 since its text is fixed and the refusal, its response and their bytes are made once
-    // (the decoded request).
+    // 10 since (the log line's fields are built only when it is written).
     expect(plain / 2).toBeLessThanOrEqual(20);
   }, 60_000);
 
   for (const level of ["warn", "info"] as const) {
-    test(`an Err round trip allocates no more than an Ok one (UnregisterMemory of an unknown region, BalloonTargetReached; log at ${level})`, () => {
+    test(`an Err round trip allocates only its message beyond what an Ok one does (UnregisterMemory of an unknown region, BalloonTargetReached; log at ${level})`, () => {
       const err = serverCellsPerCycle(() => unknown, unknown, refused, true, level).plain;
       const ok = serverCellsPerCycle(() => balloon, balloon, answeredOk, true, level).plain;
       // An Ok pair is 6 cells (per request: the decoded request, its payload, the response's
       // bytes). The Err pair was 24 when this was written (its strings, refusal and
       // response), 26 at info (the log line's fields, built for every refusal and then
-      // dropped by the rate limit); 2 since.
-      expect(err).toBeLessThanOrEqual(ok);
+      // dropped by the rate limit); 20 since, at either level: per refusal its message (the
+      // id in hex, the root cause and the context that name it), the refusal and its chain,
+      // the Err response and its payload. A fixed text, made once, would make it as cheap as
+      // an Ok, but the id in the answer is how a client pipelining requests tells which one
+      // was refused.
+      expect(err).toBeLessThanOrEqual(ok + 16);
     }, 60_000);
   }
 });

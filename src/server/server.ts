@@ -339,10 +339,9 @@ export class Server {
   /** Queues a response in the send batch; flushBatch sends it. */
   private respond(conn: Connection, resp: VmMemoryResponse, enc: Encoding): void {
     if (typeof resp === "object" && "GuestMemory" in resp) return this.respondWithDescriptors(conn, resp, enc);
-    // A kept refusal's answer is encoded once (keptAnswerBytes): encoding its chain, some 80
-    // characters, was most of what an Err round trip still cost more than an Ok one. With
-    // the refusals kept too, bench "Err round trip vs Ok round trip" went from 1.14-1.22x
-    // latency and 1.18-1.20x server CPU to 1.02-1.03x and 0.98-1.01x (two runs each side).
+    // A kept refusal (fixed text a hostile peer can have at packet rate: a packet too large,
+    // descriptors cut short) is encoded once (keptAnswerBytes): encoding a chain of some 80
+    // characters was most of what such an Err cost more than an Ok (measured in-process).
     const kept = typeof resp === "object" && "Err" in resp ? keptAnswerBytes(resp) : undefined;
     let bytes = kept === undefined ? encodeResponse(resp, enc) : (kept[enc] ??= encodeResponse(resp, enc).slice());
     if (bytes.byteLength > MAX_PACKET) {
