@@ -123,6 +123,7 @@ describe("the filter, call by call", () => {
     if (!existsSync(path)) throw new Error(`${header} is missing: install the Linux API headers (linux-libc-dev) to check the table`);
     const fromHeader = new Map([...readFileSync(path, "utf8").matchAll(/#define __NR_(\w+) (\d+)/g)].map((m) => [m[1]!, Number(m[2])]));
     for (const [name, n] of Object.entries(sys.SYSCALLS)) expect([name, fromHeader.get(name)]).toEqual([name, n]);
+    expect(sys.NR_SECCOMP).toBe(sys.SYSCALLS.seccomp);
   });
 
   test("the filter assembled at build time (a macro) is the policy's program for any pid", () => {
