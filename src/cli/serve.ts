@@ -315,10 +315,6 @@ export async function serve(argv: string[]): Promise<number> {
       nofile: String(sys.getrlimit(sys.RLIMIT_NOFILE).cur),
       pid: process.pid,
     });
-    // The binary starts with JSC's tier-up thresholds scaled up (package.json's build,
-    // --compile-jit-policy): start-up code runs once, and compiling it on JIT threads
-    // took the CPU from the main thread. Normal thresholds from here, for the loop.
-    Bun.unsafe.setJITPolicy(1);
     const running = server.run();
     serving = true;
     return await running;

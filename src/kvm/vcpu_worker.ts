@@ -11,10 +11,6 @@ import { Cnt, Ctl, type VcpuInit, type VcpuMessage, VcpuShared, VcpuStateCode } 
 
 declare const self: Worker;
 
-// KVM_RUN's loop is this thread's hot code from its first exit: normal tier-up thresholds,
-// whatever policy the binary started the process with (package.json's build).
-Bun.unsafe.setJITPolicy(1);
-
 // Port I/O of the boot contract (docs/boot.md).
 const PORT_SERIAL = 0x3f8;
 const PORT_SERIAL_LSR = 0x3fd;
