@@ -5,6 +5,8 @@ import { beforeAll, describe, expect, test } from "bun:test";
 import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import * as sys from "../src/sys";
+import { sandboxFilter } from "../src/cli/sandbox";
+import { precompiledFilter } from "../src/cli/sandbox_filter";
 import { KILLED, vmemdPolicy } from "../src/cli/sandbox_policy";
 import { closeAll, memfd, requireKvm } from "./helpers";
 import { decision, runFilter, type Call } from "./seccomp_bpf";
@@ -121,6 +123,19 @@ describe("the filter, call by call", () => {
     if (!existsSync(path)) throw new Error(`${header} is missing: install the Linux API headers (linux-libc-dev) to check the table`);
     const fromHeader = new Map([...readFileSync(path, "utf8").matchAll(/#define __NR_(\w+) (\d+)/g)].map((m) => [m[1]!, Number(m[2])]));
     for (const [name, n] of Object.entries(sys.SYSCALLS)) expect([name, fromHeader.get(name)]).toEqual([name, n]);
+    expect(sys.NR_SECCOMP).toBe(sys.SYSCALLS.seccomp);
+  });
+
+  test("the filter assembled at build time (a macro) is the policy's program for any pid", () => {
+    // sandbox.ts inlines precompiledFilter()'s words and patches the pid in at start.
+    for (const pid of [1, 2, 4242, process.pid, 4194304 /* PID_MAX_LIMIT */]) {
+      expect([pid, sandboxFilter(pid)]).toEqual([pid, sys.encodeBpf(sys.compileSeccomp(vmemdPolicy(pid)))]);
+    }
+    // The pid's three places: tgkill's and kill's argument 0, and prlimit64's.
+    const f = precompiledFilter();
+    expect(f.pidWords).toHaveLength(3);
+    expect(f.words.length).toBe(2 * prog.length);
+    expect([f.allowed, f.killed]).toEqual([vmemdPolicy(PID).allow.length, KILLED.length]);
   });
 
   test("a policy that lists a call twice is refused", () => {

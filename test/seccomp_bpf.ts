@@ -1,4 +1,4 @@
-// A classic-BPF interpreter for seccomp programs (the opcodes src/sys/seccomp.ts emits), so
+// A classic-BPF interpreter for seccomp programs (the opcodes src/sys/seccomp_compile.ts emits), so
 // a filter's decisions can be checked call by call without installing it.
 import * as sys from "../src/sys";
 

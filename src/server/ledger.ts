@@ -6,44 +6,8 @@ import { execute, NumberMap, Refusal, type ExecContext } from "../memory";
 import type { VmMemoryRequest } from "../protocol";
 import * as sys from "../sys";
 
-export interface Budgets {
-  regionsPerConnection: number;
-  guestBytesPerConnection: number;
-  guestBytes: number;
-  mappingsPerConnection: number;
-  mappings: number;
-  ioeventsPerConnection: number;
-  ioevents: number;
-  irqfdsPerConnection: number;
-  irqfds: number;
-}
-
-/** A vm.max_map_count share kept for the runtime itself (its heap, JIT, threads' stacks). */
-export const MAPPING_HEADROOM = 8192;
-
-export const DEFAULT_BUDGETS: Budgets = {
-  regionsPerConnection: 16384,
-  guestBytesPerConnection: 64 * 2 ** 30,
-  guestBytes: 256 * 2 ** 30,
-  mappingsPerConnection: 16384,
-  // Set from vm.max_map_count at start (see mappingBudget).
-  mappings: 65530 - MAPPING_HEADROOM,
-  ioeventsPerConnection: 256,
-  // KVM's I/O bus takes at most 1000 devices (NR_IOBUS_DEVS, include/linux/kvm_host.h).
-  ioevents: 1000,
-  irqfdsPerConnection: 64,
-  // Each holds an eventfd reference and a routing entry in the kernel; 24 pins, many devices.
-  irqfds: 1024,
-};
-
-/** The process-wide mapping budget: vm.max_map_count less the runtime's headroom. */
-export function mappingBudget(): number {
-  try {
-    const max = Number(require("node:fs").readFileSync("/proc/sys/vm/max_map_count", "utf8").trim());
-    if (Number.isSafeInteger(max) && max > 2 * MAPPING_HEADROOM) return max - MAPPING_HEADROOM;
-  } catch {}
-  return DEFAULT_BUDGETS.mappings;
-}
+export { DEFAULT_BUDGETS, MAPPING_HEADROOM, mappingBudget, type Budgets } from "./budgets";
+import type { Budgets } from "./budgets";
 
 /** Host mappings a region makes: a slot of its own is one; a MAP_FIXED mapping splits its container's into up to three. */
 export const MAPPINGS_PER_REGION = 1;

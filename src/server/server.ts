@@ -5,10 +5,13 @@ import * as sys from "../sys";
 import { errResponse, keptAnswerBytes, Refusal, type ExecContext } from "../memory";
 import { encodeResponse, encodeResponsePacket, MAX_PACKET, type Encoding, type VmMemoryResponse } from "../protocol";
 import { Connection } from "./connection";
-import { DEFAULT_BUDGETS, Ledger, type Budgets } from "./ledger";
+import { Ledger, type Budgets } from "./ledger";
+import { RECV_BATCH } from "./options";
 import type { Logger } from "./log";
 import { Requests, type RequestLimits } from "./requests";
 import { SocketFile } from "./socket_file";
+
+export { DEFAULT_SERVER_OPTIONS, descriptorsNeeded } from "./options";
 
 export interface ServerOptions extends RequestLimits {
   socketPath: string;
@@ -29,17 +32,6 @@ export interface ServerOptions extends RequestLimits {
   onShutdown?: (reason: string) => void;
 }
 
-export const DEFAULT_SERVER_OPTIONS = {
-  socketMode: 0o600,
-  maxConnections: 256,
-  maxFileMappings: 65536,
-  allowUids: [] as number[],
-  maxPacket: MAX_PACKET,
-  maxFdsPerPacket: sys.SCM_MAX_FD,
-  budgets: DEFAULT_BUDGETS,
-  releaseOnDisconnect: false,
-  shareGuestMemoryWith: [] as number[],
-};
 
 /**
  * How often the loop lets Bun's event loop turn (signals), idle or busy: the tick is a
@@ -53,22 +45,11 @@ const TICK_MS = 100;
  * trip by about this much (plus the one request in hand).
  */
 const TURN_MS = 1;
-/** Packets per recvmmsg, for a peer whose requests are cheap enough that a batch fits a turn. */
-const RECV_BATCH = 16;
 const READ_EVENTS = sys.EPOLLIN | sys.EPOLLRDHUP;
 // No EPOLLRDHUP here: a peer that has half-closed while responses wait would otherwise
 // wake the (level-triggered) loop over and over.
 const WRITE_EVENTS = sys.EPOLLOUT;
 
-/**
- * Descriptors the server may hold at once with `opts`: every connection, a receive batch's
- * worth of attached descriptors in hand, the eventfd copies --release-on-disconnect keeps,
- * and room for the runtime and the VM. With a table this large, a full table never keeps
- * vmemd from reading a packet.
- */
-export function descriptorsNeeded(opts: Pick<ServerOptions, "maxConnections" | "maxFdsPerPacket" | "budgets" | "releaseOnDisconnect">): number {
-  return 256 + opts.maxConnections + RECV_BATCH * opts.maxFdsPerPacket + (opts.releaseOnDisconnect ? opts.budgets.ioevents : 0);
-}
 
 /** Extra descriptors in the epoll set (e.g. the vCPU's eventfd), with their handlers. */
 export type FdHandler = (events: number) => void;

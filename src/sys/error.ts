@@ -14,9 +14,11 @@ export const Errno = {
 } as const;
 export type ErrnoName = keyof typeof Errno;
 
-const names = new Map<number, string>(Object.entries(Errno).map(([k, v]) => [v, k]));
+// Built on the first error, not at load: a start-up that fails nothing never needs it.
+let names: Map<number, string> | null = null;
 
 export function errnoName(errno: number): string {
+  names ??= new Map<number, string>(Object.entries(Errno).map(([k, v]) => [v, k]));
   return names.get(errno) ?? `E#${errno}`;
 }
 

@@ -133,3 +133,12 @@ export function kvmRun(vcpuFd: number): number {
   const rc = libc.ioctl(vcpuFd, KVM_RUN, null);
   return rc === 0 ? 0 : lastErrno();
 }
+
+/**
+ * sched_yield(2): lets another runnable task on this CPU run now. serve calls it right after
+ * writing "ready", so a supervisor sharing the CPU reads the line before vmemd finishes its
+ * own set-up rather than after.
+ */
+export function schedYield(): void {
+  libc.syscall(24 /* SYS_sched_yield */, 0, 0, null);
+}
