@@ -206,6 +206,7 @@ export async function serve(argv: string[]): Promise<number> {
   // The listener bound before the server exists, and whether the loop took it over (and
   // with it removing the socket file at the end).
   let bound: SocketFile | undefined;
+  let listening: Server | null = null;
   let serving = false;
   try {
     const allocator = new SystemAllocator(memory, vm.physAddrLimit);
@@ -284,6 +285,7 @@ export async function serve(argv: string[]): Promise<number> {
           ? attachGuest(vm, server, { guestPath, serialPath, log, cpuidClear })
           : attachGuest(vm, server, { kernelPath: kernelPath!, initrdPath: flag(p, "initrd"), cmdline: flag(p, "cmdline") ?? DEFAULT_CMDLINE, serialPath, log, cpuidClear });
       server.listen();
+      listening = server;
     } else {
       // Without a guest the socket is bound and listening (SocketFile.bind, what
       // Server.listen does) before the server's modules are even loaded: a client that
@@ -303,6 +305,7 @@ export async function serve(argv: string[]): Promise<number> {
     if (server === null) {
       server = await newServer({ ...serverOpts, adopted: bound! });
       server.listen();
+      listening = server;
     }
     if (!p.flags.has("no-sandbox")) enterSandbox(log);
     log.info("vmemd ready", {
@@ -320,7 +323,10 @@ export async function serve(argv: string[]): Promise<number> {
     return await running;
   } finally {
     // Failed between binding and serving: the socket file is not left behind.
-    if (!serving) bound?.remove();
+    if (!serving) {
+      if (listening !== null) listening.discard();
+      else bound?.remove();
+    }
     // After the loop has returned: stop() closes the eventfd the loop was watching.
     await guest?.stop();
     vm.close();

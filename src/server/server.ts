@@ -406,6 +406,15 @@ export class Server {
     this.opts.log.info("client disconnected", { conn: conn.id, requests: conn.requests });
   }
 
+  /**
+   * Ends a server that listened but never ran (start-up failed after listen()): its socket
+   * file is removed and its descriptors closed, as at shutdown.
+   */
+  discard(): void {
+    if (this.stopReason === "") this.stopReason = "start-up failed";
+    this.shutdown();
+  }
+
   private shutdown(): void {
     this.opts.log.info("shutting down", { reason: this.stopReason, clients: this.conns.size });
     this.opts.onShutdown?.(this.stopReason);
