@@ -4,7 +4,6 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import pkg from "../package.json" with { type: "json" };
 import * as sys from "../src/sys";
-import { isDigits, sizeValue } from "../src/cli/args";
 import { BINARY, requireBinary, VmemdProcess } from "./server_harness";
 
 function run(...args: string[]) {
@@ -19,27 +18,6 @@ function runWithFd3(fd: number, ...args: string[]) {
   const r = Bun.spawnSync([BINARY, ...args], { cwd: "/", stdio: ["ignore", "pipe", "pipe", fd] });
   return { code: r.exitCode, out: r.stdout.toString(), err: r.stderr.toString() };
 }
-
-describe("the hand-written parsers serve uses before ready agree with the regular expressions", () => {
-  const UNITS: Record<string, number> = { "": 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 };
-  const byRegExp = (text: string): number | null => {
-    const hexm = /^0x([0-9a-f]+)$/i.exec(text);
-    if (hexm) return parseInt(hexm[1]!, 16);
-    const m = /^(\d+)\s*([KMGT]?)(i?B)?$/i.exec(text);
-    return m ? Number(m[1]) * UNITS[m[2]!.toUpperCase()]! : null;
-  };
-  const SIZES = [
-    "0", "4096", "64K", "64k", "2M", "1G", "1T", "3P", "64KiB", "64kib", "64KB", "64Kb", "64 K", "64\tM", "64  MiB", "64\u00a0K", "64\u2003M",
-    "64B", "64iB", "64ib", "0x1000", "0X1000", "0xABCdef", "0x", "0xg", "0x10K", "0b", "0b1", "", " 64", "64 ", "-1", "+1", "1.5M", "1e3",
-    "64Kıb", "64KİB", "64\u212a", "١٢", "64MiBB", "64KM", "99999999999999999999", "0x1fffffffffffff",
-  ];
-  test("parseSize's grammar", () => {
-    for (const t of SIZES) expect([t, sizeValue(t)]).toEqual([t, byRegExp(t)]);
-  });
-  test("digit strings (--ready-fd)", () => {
-    for (const t of ["", "0", "7", "123456789", "1234567890", "12a", " 1", "١", "-1"]) expect([t, isDigits(t, 1, 9)]).toEqual([t, /^\d{1,9}$/.test(t)]);
-  });
-});
 
 describe("command line", () => {
   test("--version and --help, from any directory", () => {

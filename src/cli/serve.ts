@@ -14,7 +14,7 @@ import { DEFAULT_SERVER_OPTIONS, descriptorsNeeded } from "../server/options";
 import type { Server, ServerOptions } from "../server/server";
 import { SocketFile } from "../server/socket_file";
 import { Notifier, takeListenFds, type ListenFd } from "../server/systemd";
-import { flag, isDigits, parseFlags, parseNumber, parsePciBarSize, parseSize, UsageError } from "./args";
+import { flag, parseFlags, parseNumber, parsePciBarSize, parseSize, UsageError } from "./args";
 import type { GuestHandle } from "./guest";
 import type { CpuidBit } from "../kvm/vcpu";
 import { enterSandbox } from "./sandbox";
@@ -140,7 +140,7 @@ export async function serve(argv: string[]): Promise<number> {
   const memory = parseSize(flag(p, "memory") ?? "256M", "--memory");
   if (memory < 1 << 20 || memory % 4096 !== 0) throw new UsageError(`--memory: ${memory} must be a multiple of 4K and at least 1M`);
   const modeText = flag(p, "socket-mode") ?? "0600";
-  if (!isOctalMode(modeText)) throw new UsageError(`--socket-mode: "${modeText}" is not an octal mode like 0600`);
+  if (!/^0?[0-7]{3}$/.test(modeText)) throw new UsageError(`--socket-mode: "${modeText}" is not an octal mode like 0600`);
   const level = (flag(p, "log-level") ?? "info") as LogLevel;
   if (!["debug", "info", "warn", "error"].includes(level)) throw new UsageError(`--log-level: "${level}" is not debug, info, warn or error`);
   const format = (flag(p, "log-format") ?? "text") as LogFormat;
@@ -171,7 +171,7 @@ export async function serve(argv: string[]): Promise<number> {
   const readyText = flag(p, "ready-fd");
   let readyFd = -1;
   if (readyText !== undefined) {
-    if (!isDigits(readyText, 1, 9)) throw new UsageError(`--ready-fd: "${readyText}" is not a descriptor number`);
+    if (!/^\d{1,9}$/.test(readyText)) throw new UsageError(`--ready-fd: "${readyText}" is not a descriptor number`);
     readyFd = Number(readyText);
     let type: number;
     try {
@@ -332,14 +332,6 @@ export async function serve(argv: string[]): Promise<number> {
     vm.close();
     notifier?.close();
   }
-}
-
-/** /^0?[0-7]{3}$/ (--socket-mode), without a regular expression before ready (see parseSize). */
-function isOctalMode(text: string): boolean {
-  const digits = text.length === 4 && text[0] === "0" ? text.slice(1) : text;
-  if (digits.length !== 3) return false;
-  for (let i = 0; i < 3; i++) if (digits[i]! < "0" || digits[i]! > "7") return false;
-  return true;
 }
 
 /** "LEAF:REG:BIT" (--cpuid-clear), the leaf in decimal or 0x hex. */

@@ -52,12 +52,8 @@ export function mappingBudget(): number {
     } finally {
       sys.close(fd);
     }
-    // Decimal digits and a newline; read by hand, as serve's other input before ready
-    // (cli/args.ts, parseSize, says why).
-    let end = n;
-    while (end > 0 && (buf[end - 1] === 10 || buf[end - 1] === 32)) end--;
-    let max = end > 0 ? 0 : NaN;
-    for (let i = 0; i < end; i++) max = buf[i]! >= 48 && buf[i]! <= 57 ? max * 10 + (buf[i]! - 48) : NaN;
+    const text = new TextDecoder().decode(buf.subarray(0, n)).trim();
+    const max = /^\d+$/.test(text) ? Number(text) : NaN;
     if (Number.isSafeInteger(max) && max > 2 * MAPPING_HEADROOM) return max - MAPPING_HEADROOM;
   } catch {}
   return DEFAULT_BUDGETS.mappings;
