@@ -47,10 +47,9 @@ export function withContext<T>(message: string | (() => string), f: () => T): T 
  * A refused request as a value: what an Err response carries. Not an Error (no stack is
  * captured), so the paths a client can drive at request rate return it instead of throwing.
  *
- * A refusal can be made once and kept (Refusal.kept): the common request-rate refusals are,
- * so that answering one again allocates nothing, not even its response (answer()). A kept
- * refusal is never changed: context() on it returns a new one. So context()'s result is the
- * refusal to use, always.
+ * A refusal whose text never changes can be made once and kept (Refusal.kept): answering it
+ * again allocates nothing, not even its response (answer()). A kept refusal is never
+ * changed: context() on it returns a new one. So context()'s result is the refusal to use.
  */
 export class Refusal {
   /** Its Err response, made on first use (answer()). */
@@ -85,20 +84,6 @@ export class Refusal {
 
   /** The Err response: one object pair per refusal, however often it is answered. */
   answer(): VmMemoryResponse {
-    if (this.response !== null) return this.response;
-    const resp: VmMemoryResponse = { Err: { errno: this.errno, chain: this.chain } };
-    if (this.kept) keptAnswers.set(resp, []);
-    return (this.response = resp);
+    return (this.response ??= { Err: { errno: this.errno, chain: this.chain } });
   }
-}
-
-/**
- * Kept refusals' answers, each with room for its bytes by encoding (the server's to fill):
- * the same answer every time, so the same bytes, encoded once.
- */
-const keptAnswers = new WeakMap<object, Uint8Array[]>();
-
-/** A kept refusal's answer's encoded bytes, by encoding, to fill in and reuse; undefined for any other response. */
-export function keptAnswerBytes(resp: VmMemoryResponse): Uint8Array[] | undefined {
-  return typeof resp === "object" ? keptAnswers.get(resp) : undefined;
 }

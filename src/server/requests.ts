@@ -141,29 +141,16 @@ export class Requests {
     return null;
   }
 
-  /**
-   * Refusals a peer can have at packet rate whose text never changes, kept (Refusal.kept):
-   * answered with no new objects, their bytes encoded once (an Err each was a refusal, its
-   * chain, template strings, its response and its bytes: a refused GetGuestMemory was 6 heap
-   * cells in the server, 0 kept).
-   */
+  /** A packet too large: a refusal a hostile peer can have at packet rate, made once (Refusal.kept). */
   private readonly tooLarge: Refusal;
-  /** GetGuestMemory's refusal for the last uid refused it. */
-  private guestMemoryRefused: { uid: number; refusal: Refusal } | null = null;
-
-  private guestMemoryRefusal(uid: number): Refusal {
-    const last = this.guestMemoryRefused;
-    if (last !== null && last.uid === uid) return last.refusal;
-    const refusal = Refusal.kept(sys.Errno.EPERM, [`guest memory is shared only with the users --share-guest-memory-with names, not uid ${uid}`, "failed to get guest memory"]);
-    this.guestMemoryRefused = { uid, refusal };
-    return refusal;
-  }
 
   /** Runs a request, after the connection's budget allows it; records what it now holds. */
   private execute(conn: Connection, req: Exclude<VmMemoryRequest, Mmap>): VmMemoryResponse {
     const h = conn.holdings;
     if (req === "GetGuestMemory" && !this.limits.shareGuestMemoryWith.includes(conn.peer.uid)) {
-      return this.guestMemoryRefusal(conn.peer.uid).answer();
+      return errResponse(
+        Refusal.of("EPERM", `guest memory is shared only with the users --share-guest-memory-with names, not uid ${conn.peer.uid}`).context("failed to get guest memory"),
+      );
     }
     if (typeof req === "string") return execute(req, this.ctx);
     let fixed = false;

@@ -2,7 +2,7 @@
 // thread. It knows sockets, connections, turns and throttling; what a packet means is
 // requests.ts's concern, what a peer holds is ledger.ts's.
 import * as sys from "../sys";
-import { errResponse, keptAnswerBytes, Refusal, type ExecContext } from "../memory";
+import { errResponse, Refusal, type ExecContext } from "../memory";
 import { encodeResponse, encodeResponsePacket, MAX_PACKET, type Encoding, type VmMemoryResponse } from "../protocol";
 import { Connection } from "./connection";
 import { Ledger, type Budgets } from "./ledger";
@@ -320,11 +320,7 @@ export class Server {
   /** Queues a response in the send batch; flushBatch sends it. */
   private respond(conn: Connection, resp: VmMemoryResponse, enc: Encoding): void {
     if (typeof resp === "object" && "GuestMemory" in resp) return this.respondWithDescriptors(conn, resp, enc);
-    // A kept refusal (fixed text a hostile peer can have at packet rate: a packet too large,
-    // descriptors cut short) is encoded once (keptAnswerBytes): encoding a chain of some 80
-    // characters was most of what such an Err cost more than an Ok (measured in-process).
-    const kept = typeof resp === "object" && "Err" in resp ? keptAnswerBytes(resp) : undefined;
-    let bytes = kept === undefined ? encodeResponse(resp, enc) : (kept[enc] ??= encodeResponse(resp, enc).slice());
+    let bytes = encodeResponse(resp, enc);
     if (bytes.byteLength > MAX_PACKET) {
       const what = typeof resp === "object" ? Object.keys(resp)[0] : resp;
       bytes = encodeResponse(errResponse(Refusal.of("EMSGSIZE", `the ${what} response is ${bytes.byteLength} bytes, more than a packet holds (${MAX_PACKET})`)), enc);
