@@ -4,12 +4,10 @@
 // other call is refused with EPERM. docs/security.md says how to extend it.
 //
 // The build compiles it (src/cli/sandbox_filter.ts, a macro), so this module imports
-// nothing that needs FFI: only the compiler's types.
+// nothing that needs FFI: errno values and the compiler's types.
+import { Errno } from "../sys/errno";
 import type { AllowRule, SeccompPolicy, SyscallName } from "../sys/seccomp_compile";
 
-// asm-generic/errno-base.h, errno.h
-const EPERM = 1;
-const ENOSYS = 38;
 // linux/sched.h
 const CLONE_THREAD = 0x00010000;
 // asm-generic/fcntl.h: an open that could create, truncate or write.
@@ -103,8 +101,8 @@ export function vmemdPolicy(pid: number): SeccompPolicy {
     allow: [...ALLOWED, ...withChecks],
     // glibc's pthread_create tries clone3 first and falls back to clone on ENOSYS; clone3's
     // flags are behind a pointer the filter cannot read.
-    refuse: [{ name: "clone3", errno: ENOSYS }],
+    refuse: [{ name: "clone3", errno: Errno.ENOSYS }],
     kill: KILLED,
-    defaultErrno: EPERM,
+    defaultErrno: Errno.EPERM,
   };
 }

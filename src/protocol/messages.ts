@@ -21,10 +21,11 @@ import {
   type TypeOf,
 } from "./shape";
 
-export type { U64 } from "./shape";
+import { MAX_PACKET } from "./limits";
 
-/** The largest packet body either side sends or accepts. */
-export const MAX_PACKET = 65536;
+export type { U64 } from "./shape";
+export { MAX_PACKET } from "./limits";
+
 /** The kernel's SCM_MAX_FD: descriptors one packet can carry, so mappings one chunk can. */
 export const MAX_FDS_PER_PACKET = 253;
 

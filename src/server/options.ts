@@ -1,6 +1,7 @@
 // The server's option defaults and the descriptor count they imply: what serve needs before
 // its socket is ready, in a module that loads neither the server nor the wire description
 // (server.ts re-exports them).
+import { MAX_PACKET } from "../protocol/limits";
 import * as sys from "../sys";
 import { DEFAULT_BUDGETS } from "./budgets";
 import type { ServerOptions } from "./server";
@@ -13,9 +14,7 @@ export const DEFAULT_SERVER_OPTIONS = {
   maxConnections: 256,
   maxFileMappings: 65536,
   allowUids: [] as number[],
-  // The protocol's MAX_PACKET (protocol/messages.ts), written out so as not to load the wire
-  // description for it; test/protocol.test.ts checks that they agree.
-  maxPacket: 65536,
+  maxPacket: MAX_PACKET,
   maxFdsPerPacket: sys.SCM_MAX_FD,
   budgets: DEFAULT_BUDGETS,
   releaseOnDisconnect: false,
