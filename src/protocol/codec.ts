@@ -13,7 +13,7 @@ import {
   type VmMemoryResponse as Response,
 } from "./messages";
 import { MsgpackReader, MsgpackWriter } from "./msgpack";
-import { array, i32, nullable, str, struct, type EnumShape, type Field, type Shape, type UintShape } from "./shape";
+import { array, i32, nullable, str, struct, type ArrayShape, type EnumShape, type Field, type Shape, type UintShape } from "./shape";
 import {
   BROKEN,
   DONE,
@@ -123,32 +123,26 @@ function decode(s: Shape, r: WireReader, w: Walk): Out {
       return decodeStruct(s.fields, r, w);
     case "enum":
       return decodeEnum(s, r, w);
-    case "tuple": {
-      if (!r.arrayStart()) return w.fail(r.why || `expected an array of ${s.items.length}`);
-      const out: Out[] = [];
-      for (let i = 0; i < s.items.length; i++) {
-        const n = r.nextItem();
-        if (n !== MORE) return w.fail(n === BROKEN ? r.why : `expected an array of ${s.items.length}`);
-        const v = decode(s.items[i]!, r, w);
-        if (v === FAIL) return at(w, String(i));
-        out.push(v);
-      }
-      const n = r.nextItem();
-      return n === DONE ? out : w.fail(n === BROKEN ? r.why : `expected an array of ${s.items.length}`);
-    }
+    case "tuple":
     case "array": {
-      if (!r.arrayStart()) return w.fail(r.why || "expected an array");
+      // A tuple is an array of exactly its items' count, each of its own shape.
+      const items = s.kind === "tuple" ? s.items : null;
+      const max = items?.length ?? (s as ArrayShape<unknown>).max;
+      const min = items?.length ?? (s as ArrayShape<unknown>).min;
+      const expected = items === null ? "expected an array" : `expected an array of ${max}`;
+      if (!r.arrayStart()) return w.fail(r.why || expected);
       const out: Out[] = [];
       for (;;) {
         const n = r.nextItem();
         if (n === DONE) break;
         if (n === BROKEN) return w.fail(r.why);
-        if (out.length === s.max) return w.fail(`takes at most ${s.max} elements`);
-        const v = decode(s.of, r, w);
+        if (out.length === max) return w.fail(items === null ? `takes at most ${max} elements` : expected);
+        const v = decode(items?.[out.length] ?? (s as ArrayShape<unknown>).of, r, w);
         if (v === FAIL) return at(w, String(out.length));
         out.push(v);
       }
-      return out.length >= s.min ? out : w.fail(`needs at least ${s.min} element${s.min === 1 ? "" : "s"}`);
+      if (out.length >= min) return out;
+      return w.fail(items === null ? `needs at least ${min} element${min === 1 ? "" : "s"}` : expected);
     }
     case "errchain":
       return decodeErr(r, w);
@@ -380,21 +374,14 @@ function encode(s: Shape, v: unknown, w: WireWriter): void {
       encode(variant.shape, (v as Record<string, unknown>)[name!], w);
       return w.mapEnd();
     }
-    case "tuple": {
-      const a = v as unknown[];
-      w.arrayStart(s.items.length);
-      for (let i = 0; i < s.items.length; i++) {
-        w.item(i);
-        encode(s.items[i]!, a[i], w);
-      }
-      return w.arrayEnd();
-    }
+    case "tuple":
     case "array": {
       const a = v as unknown[];
+      const items = s.kind === "tuple" ? s.items : null;
       w.arrayStart(a.length);
       for (let i = 0; i < a.length; i++) {
         w.item(i);
-        encode(s.of, a[i], w);
+        encode(items?.[i] ?? (s as ArrayShape<unknown>).of, a[i], w);
       }
       return w.arrayEnd();
     }

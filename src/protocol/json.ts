@@ -48,8 +48,6 @@ export class JsonReader extends PacketCursor implements WireReader {
   private tokDecoded: Uint8Array | null = null;
   /** Per open container: whether an entry has been read (a comma comes before the next). */
   private readonly started = new Uint8Array(MAX_DEPTH);
-  /** Per open container: 1 for a map, 0 for an array. */
-  private readonly kinds = new Uint8Array(MAX_DEPTH);
 
   private ws(): void {
     const b = this.b;
@@ -149,15 +147,17 @@ export class JsonReader extends PacketCursor implements WireReader {
     let escaped = false;
     let ascii = true;
     for (;;) {
-      if (i >= this.end) return this.no("truncated: the packet ends inside a string") 
+      if (i >= this.end) return this.no("truncated: the packet ends inside a string");
       const c = b[i]!;
       if (c === QUOTE) break;
       if (c === BACKSLASH) {
+        const n = escapeLength(b, i + 1, this.end);
+        if (n === 0) return this.no("a string has an invalid escape");
         escaped = true;
-        i += 2;
+        i += 1 + n;
         continue;
       }
-      if (c < 0x20) return this.no("a control character inside a string") 
+      if (c < 0x20) return this.no("a control character inside a string");
       if (c >= 0x80) ascii = false;
       i++;
     }
@@ -171,13 +171,11 @@ export class JsonReader extends PacketCursor implements WireReader {
     try {
       text = utf8Decoder.decode(b.subarray(start, i));
     } catch {
-      return this.no("a string is not valid UTF-8") 
+      return this.no("a string is not valid UTF-8");
     }
-    if (escaped) {
-      const unescaped = unescape(text);
-      if (unescaped === null) return this.no("a string has an invalid escape") 
-      this.tokDecoded = utf8Encoder.encode(unescaped);
-    }
+    // Every escape is valid and no control character is raw: a JSON string literal, which
+    // JSON.parse unescapes (and cannot refuse).
+    if (escaped) this.tokDecoded = utf8Encoder.encode(JSON.parse(`"${text}"`) as string);
     return true;
   }
 
@@ -206,7 +204,6 @@ export class JsonReader extends PacketCursor implements WireReader {
       return false;
     }
     this.pos++;
-    this.kinds[this.depth] = c === 0x7b ? 1 : 0;
     this.started[this.depth++] = 0;
     return true;
   }
@@ -249,49 +246,34 @@ export class JsonReader extends PacketCursor implements WireReader {
     return this.next(0x5d);
   }
 
+  /** Recursion is bounded: open() refuses containers past MAX_DEPTH. */
   skip(): boolean {
-    const base = this.depth;
-    for (;;) {
-      switch (this.peek()) {
-        case T_MAP:
-          if (!this.mapStart()) return false;
-          break;
-        case T_ARRAY:
-          if (!this.arrayStart()) return false;
-          break;
-        case T_STR:
-          if (!this.readString()) return false;
-          break;
-        case T_NUMBER:
-          if (this.b[this.pos] === MINUS) this.pos++;
-          if (this.digits() < 0) {
-            if (!this.float()) return false;
-            this.why = ""; // a float is a fine value to skip
-          }
-          break;
-        case T_BOOL:
-          if (this.readBool() < 0) return this.no("expected a value") 
-          break;
-        case T_NIL:
-          if (!this.readNil()) return this.no("expected a value") 
-          break;
-        default:
-          return this.no("expected a value") 
+    switch (this.peek()) {
+      case T_MAP:
+      case T_ARRAY: {
+        const map = this.peek() === T_MAP;
+        if (!(map ? this.mapStart() : this.arrayStart())) return false;
+        for (;;) {
+          const n = map ? this.nextKey() : this.nextItem();
+          if (n === DONE) return true;
+          if (n === BROKEN || !this.skip()) return false;
+        }
       }
-      // Close what is complete, then read the next entry's key (a map) or nothing (an array).
-      for (;;) {
-        if (this.depth === base) return true;
-        const inMap = this.isMap();
-        const n = inMap ? this.nextKey() : this.nextItem();
-        if (n === BROKEN) return false;
-        if (n === MORE) break;
-      }
+      case T_STR:
+        return this.readString();
+      case T_NUMBER:
+        if (this.b[this.pos] === MINUS) this.pos++;
+        if (this.digits() >= 0) return true;
+        if (!this.float()) return false;
+        this.why = ""; // a float is a fine value to skip
+        return true;
+      case T_BOOL:
+        return this.readBool() >= 0 || this.no("expected a value");
+      case T_NIL:
+        return this.readNil() || this.no("expected a value");
+      default:
+        return this.no("expected a value");
     }
-  }
-
-  /** Whether the innermost open container is a map. */
-  private isMap(): boolean {
-    return this.kinds[this.depth - 1] === 1;
   }
 
   /** The rest of a number that digits() called a float: fraction and exponent. */
@@ -332,49 +314,20 @@ export class JsonReader extends PacketCursor implements WireReader {
   }
 }
 
-/** JSON string escapes; null when one is malformed. */
-function unescape(s: string): string | null {
-  let out = "";
-  for (let i = 0; i < s.length; i++) {
-    const c = s[i]!;
-    if (c !== "\\") {
-      out += c;
-      continue;
-    }
-    const e = s[++i];
-    switch (e) {
-      case '"':
-      case "\\":
-      case "/":
-        out += e;
-        break;
-      case "b":
-        out += "\b";
-        break;
-      case "f":
-        out += "\f";
-        break;
-      case "n":
-        out += "\n";
-        break;
-      case "r":
-        out += "\r";
-        break;
-      case "t":
-        out += "\t";
-        break;
-      case "u": {
-        const hex = s.slice(i + 1, i + 5);
-        if (!/^[0-9a-fA-F]{4}$/.test(hex)) return null;
-        out += String.fromCharCode(parseInt(hex, 16));
-        i += 4;
-        break;
-      }
-      default:
-        return null;
-    }
-  }
-  return out;
+/** The length of the escape whose letter is at b[at] (1, or 5 for \\uXXXX); 0 when it is malformed. */
+function escapeLength(b: Uint8Array, at: number, end: number): number {
+  const c = at < end ? b[at]! : 0;
+  if (c !== 0x75) return ESCAPES.includes(c) ? 1 : 0; // u
+  if (at + 5 > end) return 0;
+  for (let i = at + 1; i < at + 5; i++) if (!isHexDigit(b[i]!)) return 0;
+  return 5;
+}
+
+/** The letters after a backslash that stand alone: " \\ / b f n r t. */
+const ESCAPES = [0x22, 0x5c, 0x2f, 0x62, 0x66, 0x6e, 0x72, 0x74];
+
+function isHexDigit(c: number): boolean {
+  return (c >= ZERO && c <= NINE) || ((c | 0x20) >= 0x61 && (c | 0x20) <= 0x66);
 }
 
 const HEX = "0123456789abcdef";
