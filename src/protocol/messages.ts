@@ -22,12 +22,13 @@ import {
 } from "./shape";
 
 import { MAX_PACKET } from "./limits";
+import { SCM_MAX_FD } from "../sys/socket";
 
 export type { U64 } from "./shape";
 export { MAX_PACKET } from "./limits";
 
-/** The kernel's SCM_MAX_FD: descriptors one packet can carry, so mappings one chunk can. */
-export const MAX_FDS_PER_PACKET = 253;
+/** Descriptors one packet can carry (the kernel's SCM_MAX_FD), so mappings one chunk can. */
+export const MAX_FDS_PER_PACKET = SCM_MAX_FD;
 
 const pciFunction = { bus: u8, dev: u8, func: u8 };
 
