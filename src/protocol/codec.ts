@@ -13,7 +13,7 @@ import {
   type VmMemoryResponse as Response,
 } from "./messages";
 import { MsgpackReader, MsgpackWriter } from "./msgpack";
-import { array, i32, nullable, str, struct, type ArrayShape, type EnumShape, type Field, type Shape, type UintShape } from "./shape";
+import { array, i32, nullable, str, struct, type EnumShape, type Field, type Shape, type UintShape } from "./shape";
 import {
   BROKEN,
   DONE,
@@ -126,23 +126,23 @@ function decode(s: Shape, r: WireReader, w: Walk): Out {
     case "tuple":
     case "array": {
       // A tuple is an array of exactly its items' count, each of its own shape.
-      const items = s.kind === "tuple" ? s.items : null;
-      const max = items?.length ?? (s as ArrayShape<unknown>).max;
-      const min = items?.length ?? (s as ArrayShape<unknown>).min;
-      const expected = items === null ? "expected an array" : `expected an array of ${max}`;
+      const tuple = s.kind === "tuple";
+      const max = s.kind === "tuple" ? s.items.length : s.max;
+      const min = s.kind === "tuple" ? max : s.min;
+      const expected = tuple ? `expected an array of ${max}` : "expected an array";
       if (!r.arrayStart()) return w.fail(r.why || expected);
       const out: Out[] = [];
       for (;;) {
         const n = r.nextItem();
         if (n === DONE) break;
         if (n === BROKEN) return w.fail(r.why);
-        if (out.length === max) return w.fail(items === null ? `takes at most ${max} elements` : expected);
-        const v = decode(items?.[out.length] ?? (s as ArrayShape<unknown>).of, r, w);
+        if (out.length === max) return w.fail(tuple ? expected : `takes at most ${max} elements`);
+        const v = decode(s.kind === "tuple" ? s.items[out.length]! : s.of, r, w);
         if (v === FAIL) return at(w, String(out.length));
         out.push(v);
       }
       if (out.length >= min) return out;
-      return w.fail(items === null ? `needs at least ${min} element${min === 1 ? "" : "s"}` : expected);
+      return w.fail(tuple ? expected : `needs at least ${min} element${min === 1 ? "" : "s"}`);
     }
     case "errchain":
       return decodeErr(r, w);
@@ -377,11 +377,10 @@ function encode(s: Shape, v: unknown, w: WireWriter): void {
     case "tuple":
     case "array": {
       const a = v as unknown[];
-      const items = s.kind === "tuple" ? s.items : null;
       w.arrayStart(a.length);
       for (let i = 0; i < a.length; i++) {
         w.item(i);
-        encode(items?.[i] ?? (s as ArrayShape<unknown>).of, a[i], w);
+        encode(s.kind === "tuple" ? s.items[i]! : s.of, a[i], w);
       }
       return w.arrayEnd();
     }

@@ -248,10 +248,11 @@ export class JsonReader extends PacketCursor implements WireReader {
 
   /** Recursion is bounded: open() refuses containers past MAX_DEPTH. */
   skip(): boolean {
-    switch (this.peek()) {
+    const t = this.peek();
+    switch (t) {
       case T_MAP:
       case T_ARRAY: {
-        const map = this.peek() === T_MAP;
+        const map = t === T_MAP;
         if (!(map ? this.mapStart() : this.arrayStart())) return false;
         for (;;) {
           const n = map ? this.nextKey() : this.nextItem();
