@@ -210,7 +210,16 @@ export function shutdown(fd: number): void {
   libc.shutdown(fd, SHUT_RDWR);
 }
 
-const NO_FDS: readonly number[] = Object.freeze([]);
+/**
+ * The descriptors of a packet that carried none. Not frozen: a frozen array has another
+ * indexing type (ArrayStorage) than the int32 arrays parseRights fills, and every reader of
+ * a packet's descriptors then saw two shapes and was recompiled (OSR exits, BadIndexingType).
+ * Emptied from [0] so it starts with the int32 shape. Nothing writes a received list.
+ * Measured on a fresh server's first 2000 register cycles: OSR exits 1,056 to 0, the JIT
+ * threads' CPU 172 to 145 ms (five alternating runs each).
+ */
+const NO_FDS: readonly number[] = [0];
+(NO_FDS as number[]).pop();
 
 /** The descriptors of every SCM_RIGHTS message in a received control buffer. */
 export function parseRights(v: DataView, base: number, controlLen: number): number[] {
