@@ -353,11 +353,15 @@ function mapIntoArena(ctx: ExecContext, arena: PreparedArena, guest: GuestAddres
   return { RegisterMemory: { region_id: guest, slot: arena.slot } };
 }
 
-/** UnregisterMemory's refusal for an id with no region, its context included. */
+/**
+ * UnregisterMemory's refusal for an id with no region, its context included. The id is
+ * written once, in the context: each string made per refusal is a rope the encoder then
+ * flattens (a client with stale ids drives this at request rate).
+ */
 function unknownRegion(id: U64): Refusal {
-  const text = hex(id);
-  return new Refusal(sys.Errno.ENOENT, [`no registered memory region with id ${text}`, `failed to unregister memory region ${text}`]);
+  return new Refusal(sys.Errno.ENOENT, [NO_SUCH_REGION, "failed to unregister memory region 0x" + id.toString(16)]);
 }
+const NO_SUCH_REGION = "no memory region is registered with that id";
 
 function unregisterMemory(ctx: ExecContext, id: U64): Result {
   const region = ctx.state.regions.get(regionIdOf(id));

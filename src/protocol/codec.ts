@@ -402,7 +402,16 @@ function encodeWith(s: Shape, v: unknown, enc: Encoding): WireWriter {
 
 /** A response's bytes in `enc`; valid until the next encode (copy to keep them). */
 export function encodeResponse(resp: Response, enc: Encoding): Uint8Array {
-  return encodeWith(VmMemoryResponse, resp, enc).bytes();
+  return encodeWith(VmMemoryResponse, resp, enc).out.bytes();
+}
+
+/**
+ * A response encoded in the writer's own buffer: its bytes are `buf[0, pos)`, valid until
+ * the next encode. For the server's send path, which copies them into its batch: no view
+ * is made per response (a subarray is a native call and a cell, about 86 ns).
+ */
+export function encodeResponseInPlace(resp: Response, enc: Encoding): { readonly buf: Uint8Array; readonly pos: number } {
+  return encodeWith(VmMemoryResponse, resp, enc).out;
 }
 
 /**
@@ -411,7 +420,7 @@ export function encodeResponse(resp: Response, enc: Encoding): Uint8Array {
  */
 export function encodeResponsePacket(resp: Response, enc: Encoding): Packet {
   const w = encodeWith(VmMemoryResponse, resp, enc);
-  return { body: w.bytes().slice(), fds: w.fds.slice() };
+  return { body: w.out.buf.slice(0, w.out.pos), fds: w.fds.slice() };
 }
 
 /** A message ready for the wire: its body and the descriptors to attach, in index order. */
@@ -423,13 +432,13 @@ export interface Packet {
 /** Client side: a request whose descriptor fields hold real descriptors, as a packet. */
 export function encodeRequest(req: Request, enc: Encoding = MSGPACK): Packet {
   const w = encodeWith(VmMemoryRequest, req, enc);
-  return { body: w.bytes().slice(), fds: w.fds.slice() };
+  return { body: w.out.buf.slice(0, w.out.pos), fds: w.fds.slice() };
 }
 
 /** Client side: one MmapAndRegisterMemory follow-up packet. */
 export function encodeFileMappings(chunk: VmMemoryFileMapping[], enc: Encoding = MSGPACK): Packet {
   const w = encodeWith(FileMappingChunk, chunk, enc);
-  return { body: w.bytes().slice(), fds: w.fds.slice() };
+  return { body: w.out.buf.slice(0, w.out.pos), fds: w.fds.slice() };
 }
 
 /** Whether a decode result is a refusal rather than a message. */

@@ -336,7 +336,7 @@ const HEX = "0123456789abcdef";
 export class JsonWriter implements WireWriter {
   readonly encoding = JSON_ENCODING;
   readonly fds: number[] = [];
-  private readonly out = new OutBuffer();
+  readonly out = new OutBuffer();
   private readonly digitBuf = new Uint8Array(20);
 
   reset(): void {
@@ -446,9 +446,5 @@ export class JsonWriter implements WireWriter {
 
   arrayEnd(): void {
     this.out.byte(0x5d);
-  }
-
-  bytes(): Uint8Array {
-    return this.out.buf.subarray(0, this.out.pos);
   }
 }

@@ -3,7 +3,7 @@
 // requests.ts's concern, what a peer holds is ledger.ts's.
 import * as sys from "../sys";
 import { errResponse, Refusal, type ExecContext } from "../memory";
-import { encodeResponse, encodeResponsePacket, MAX_PACKET, type Encoding, type VmMemoryResponse } from "../protocol";
+import { encodeResponseInPlace, encodeResponsePacket, MAX_PACKET, type Encoding, type VmMemoryResponse } from "../protocol";
 import { Connection } from "./connection";
 import { Ledger, type Budgets } from "./ledger";
 import { RECV_BATCH } from "./options";
@@ -320,20 +320,20 @@ export class Server {
   /** Queues a response in the send batch; flushBatch sends it. */
   private respond(conn: Connection, resp: VmMemoryResponse, enc: Encoding): void {
     if (typeof resp === "object" && "GuestMemory" in resp) return this.respondWithDescriptors(conn, resp, enc);
-    let bytes = encodeResponse(resp, enc);
-    if (bytes.byteLength > MAX_PACKET) {
+    let out = encodeResponseInPlace(resp, enc);
+    if (out.pos > MAX_PACKET) {
       const what = typeof resp === "object" ? Object.keys(resp)[0] : resp;
-      bytes = encodeResponse(errResponse(Refusal.of("EMSGSIZE", `the ${what} response is ${bytes.byteLength} bytes, more than a packet holds (${MAX_PACKET})`)), enc);
+      out = encodeResponseInPlace(errResponse(Refusal.of("EMSGSIZE", `the ${what} response is ${out.pos} bytes, more than a packet holds (${MAX_PACKET})`)), enc);
     }
     if (conn.outbox.length > 0) {
-      conn.outbox.push(bytes.slice());
+      conn.outbox.push(out.buf.slice(0, out.pos));
       return;
     }
     if (this.txConn !== conn && this.tx.count > 0) this.flushBatch(this.txConn!);
     this.txConn = conn;
-    if (!this.tx.add(bytes)) {
+    if (!this.tx.add(out.buf, out.pos)) {
       this.flushBatch(conn);
-      if (conn.outbox.length > 0 || !this.tx.add(bytes)) conn.outbox.push(bytes.slice());
+      if (conn.outbox.length > 0 || !this.tx.add(out.buf, out.pos)) conn.outbox.push(out.buf.slice(0, out.pos));
       this.txConn = conn;
     }
   }

@@ -1,5 +1,5 @@
 // One error type for every failing system call: the call, errno and errno's name.
-import { read } from "bun:ffi";
+import { read, type Pointer } from "bun:ffi";
 import { Errno } from "./errno";
 import { libc } from "./libc";
 
@@ -13,9 +13,17 @@ export function errnoName(errno: number): string {
   return names.get(errno) ?? `E#${errno}`;
 }
 
+/**
+ * Where this thread's errno lives, asked for once: it stays put for the thread's life, and
+ * each thread (a Worker) has its own copy of this module. One FFI call fewer per EAGAIN,
+ * which the server meets about once a request.
+ */
+let errnoAt: Pointer | null = null;
+
 /** Reads errno; must run right after the failing call, on the same thread. */
 export function lastErrno(): number {
-  return read.i32(libc.__errno_location()!, 0);
+  errnoAt ??= libc.__errno_location()!;
+  return read.i32(errnoAt, 0);
 }
 
 /** How a failed call reads in an error chain: "mmap: No such device (ENODEV)". */
