@@ -244,8 +244,34 @@ const UUID_ARRAY = array({ kind: "uint", max: 255n, numberMax: 255, name: "u8" }
 /** The Err payload in MessagePack, and in JSON (crosvm's FlatVmMemoryResponseError). */
 const MSGPACK_ERR = struct({ errno: nullable(i32), chain: array(str, { min: 1 }) });
 const JSON_ERR = array(str, { min: 1 });
+const ERRNO_KEY = MSGPACK_ERR.fields[0]!.bytes;
+const CHAIN_KEY = MSGPACK_ERR.fields[1]!.bytes;
 /** How Rust's io::Error ends its Display: "Invalid argument (os error 22)". */
 const OS_ERROR = / \(os error (-?\d+)\)$/;
+
+/**
+ * The Err payload, written straight rather than walked through MSGPACK_ERR / JSON_ERR (whose
+ * keys it uses): an Err is what a client with stale ids gets at request rate, and the walk
+ * was seven recursive calls and, in JSON, a new array and string per answer.
+ */
+function encodeErr(e: { errno: number | null; chain: string[] }, w: WireWriter): void {
+  const chain = e.chain;
+  if (w.encoding === MSGPACK) {
+    w.mapStart(2);
+    w.key(0, ERRNO_KEY);
+    if (e.errno === null) w.nil();
+    else w.int(e.errno);
+    w.key(1, CHAIN_KEY);
+  }
+  w.arrayStart(chain.length);
+  for (let i = 0; i < chain.length; i++) {
+    w.item(i);
+    // crosvm's chain ends its root cause with the errno, as Rust's io::Error displays it.
+    w.str(i === 0 && e.errno !== null && w.encoding !== MSGPACK ? `${chain[0]} (os error ${e.errno})` : chain[i]!);
+  }
+  w.arrayEnd();
+  if (w.encoding === MSGPACK) w.mapEnd();
+}
 
 function decodeErr(r: WireReader, w: Walk): Out {
   if (r.encoding === MSGPACK) return decode(MSGPACK_ERR, r, w);
@@ -384,12 +410,8 @@ function encode(s: Shape, v: unknown, w: WireWriter): void {
       }
       return w.arrayEnd();
     }
-    case "errchain": {
-      const e = v as { errno: number | null; chain: string[] };
-      if (w.encoding === MSGPACK) return encode(MSGPACK_ERR, e, w);
-      const chain = e.errno === null ? e.chain : [`${e.chain[0] ?? ""} (os error ${e.errno})`, ...e.chain.slice(1)];
-      return encode(JSON_ERR, chain, w);
-    }
+    case "errchain":
+      return encodeErr(v as { errno: number | null; chain: string[] }, w);
   }
 }
 

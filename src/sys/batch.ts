@@ -128,10 +128,10 @@ export class BatchSender {
     const at = this.used;
     const n = this.count;
     if (n === this.capacity || at + len > this.arena.byteLength) return false;
-    // Most responses are a few dozen bytes: a loop, not set() on a subarray (two native
-    // calls and a cell, about 120 ns a response).
+    // Most responses are a few dozen bytes, an Err about a hundred: a loop, not set() on a
+    // subarray (two native calls and a cell, about 120 ns a response).
     const arena = this.arena;
-    if (len <= 64) for (let i = 0; i < len; i++) arena[at + i] = body[i]!;
+    if (len <= 128) for (let i = 0; i < len; i++) arena[at + i] = body[i]!;
     else arena.set(body.subarray(0, len), at);
     this.starts[n] = at;
     this.lengths[n] = len;
