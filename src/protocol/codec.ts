@@ -13,7 +13,7 @@ import {
   type VmMemoryResponse as Response,
 } from "./messages";
 import { MsgpackReader, MsgpackWriter } from "./msgpack";
-import { array, i32, nullable, str, struct, type EnumShape, type Field, type Shape, type UintShape } from "./shape";
+import { array, i32, nullable, str, struct, u8, type EnumShape, type Field, type Shape, type UintShape } from "./shape";
 import {
   BROKEN,
   DONE,
@@ -240,7 +240,7 @@ function decodeEnum(s: EnumShape<unknown>, r: WireReader, w: Walk): Out {
   return out;
 }
 
-const UUID_ARRAY = array({ kind: "uint", max: 255n, numberMax: 255, name: "u8" }, { max: 16 });
+const UUID_ARRAY = array(u8, { max: 16 });
 /** The Err payload in MessagePack, and in JSON (crosvm's FlatVmMemoryResponseError). */
 const MSGPACK_ERR = struct({ errno: nullable(i32), chain: array(str, { min: 1 }) });
 const JSON_ERR = array(str, { min: 1 });
