@@ -22,8 +22,8 @@ let errnoAt: Pointer | null = null;
 
 /** Reads errno; must run right after the failing call, on the same thread. */
 export function lastErrno(): number {
-  const at = (errnoAt ??= libc.__errno_location()!);
-  return read.i32(at, 0);
+  if (errnoAt === null) errnoAt = libc.__errno_location() as Pointer;
+  return read.i32(errnoAt, 0);
 }
 
 /** How a failed call reads in an error chain: "mmap: No such device (ENODEV)". */
