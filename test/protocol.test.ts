@@ -101,6 +101,30 @@ describe("one description, two encodings", () => {
     });
   }
 
+  test("MessagePack: strings short and long, ASCII or not, are the bytes an independent encoder writes", () => {
+    // Short strings are copied in a loop, longer ones with one Buffer.write, and anything not
+    // ASCII goes through the UTF-8 encoder: each path, on each side of the length limits.
+    const lines = [
+      "",
+      "x",
+      "a".repeat(24),
+      "b".repeat(25),
+      "c".repeat(31),
+      "d".repeat(32),
+      "e".repeat(255),
+      "f".repeat(256),
+      "g".repeat(70000 >> 2),
+      "a short é",
+      `${"long ".repeat(8)}é`,
+      `${"long ".repeat(8)}\u{1f600} and a lone \ud800 surrogate`,
+      `é${"x".repeat(40)}`,
+    ];
+    for (const line of lines) {
+      const resp: VmMemoryResponse = { Err: { errno: 2, chain: [line, "context"] } };
+      expect(Buffer.from(encodeResponse(resp, MSGPACK)).toString("hex")).toBe(Buffer.from(refEncode(resp)).toString("hex"));
+    }
+  });
+
   test("MessagePack: what an independent encoder writes decodes to the same request", () => {
     for (const req of REQUESTS) {
       const body = refEncode(encodeRequestIndices(req), { useBigInt64: true });

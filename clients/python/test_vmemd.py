@@ -409,7 +409,7 @@ class FakePeerTests(unittest.TestCase):
             if req == "GetState":
                 return {"Err": ["Invalid argument (os error 22)", "failed to get state"]}, []
             if "UnregisterMemory" in req:
-                return {"Err": ["no memory region is registered with that id"]}, []
+                return {"Err": ["no registered memory region with id 0x5000"]}, []
             return {"RegisterMemory": {"region_id": 2**64 - 4096, "slot": 1}}, []
 
         p = self.peer(handler, "json")

@@ -355,13 +355,14 @@ function mapIntoArena(ctx: ExecContext, arena: PreparedArena, guest: GuestAddres
 
 /**
  * UnregisterMemory's refusal for an id with no region, its context included. The id is
- * written once, in the context: each string made per refusal is a rope the encoder then
- * flattens (a client with stale ids drives this at request rate).
+ * written once, in the root cause (where clients look for it): each string made per
+ * refusal is a rope the encoder then flattens, and a client with stale ids drives this at
+ * request rate.
  */
 function unknownRegion(id: U64): Refusal {
-  return new Refusal(sys.Errno.ENOENT, [NO_SUCH_REGION, "failed to unregister memory region 0x" + id.toString(16)]);
+  return new Refusal(sys.Errno.ENOENT, ["no registered memory region with id 0x" + id.toString(16), UNREGISTER_CONTEXT]);
 }
-const NO_SUCH_REGION = "no memory region is registered with that id";
+const UNREGISTER_CONTEXT = "failed to unregister memory region";
 
 function unregisterMemory(ctx: ExecContext, id: U64): Result {
   const region = ctx.state.regions.get(regionIdOf(id));

@@ -51,7 +51,8 @@ class Descriptors {
   reset(fds: readonly number[], lost: boolean): void {
     this.fds = fds;
     this.lost = lost;
-    this.used.fill(0, 0, Math.min(fds.length, 256));
+    // Only when there is something to clear: fill() is a native call even for no bytes.
+    if (fds.length > 0) this.used.fill(0, 0, Math.min(fds.length, 256));
   }
 }
 
@@ -296,7 +297,7 @@ function decodePacket(
   fdsLost = false,
 ): unknown {
   const w = walk;
-  w.path.length = 0;
+  if (w.path.length !== 0) w.path.length = 0; // a store to length is a native call, even of 0 to 0
   w.why = "";
   w.d.reset(fds, fdsLost);
   if (end <= start) return new Refusal(EINVAL, ["empty packet", `malformed ${what}`]);

@@ -341,7 +341,7 @@ export class JsonWriter implements WireWriter {
 
   reset(): void {
     this.out.pos = 0;
-    this.fds.length = 0;
+    if (this.fds.length !== 0) this.fds.length = 0; // a store to length is a native call, even of 0 to 0
   }
 
   uint(v: number | bigint): void {

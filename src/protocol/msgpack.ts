@@ -281,7 +281,7 @@ export class MsgpackWriter implements WireWriter {
 
   reset(): void {
     this.out.pos = 0;
-    this.fds.length = 0;
+    if (this.fds.length !== 0) this.fds.length = 0; // a store to length is a native call, even of 0 to 0
   }
 
   /** A head byte and a big-endian unsigned integer of `n` (1, 2 or 4) bytes, `v` below 2^32. */
