@@ -40,28 +40,26 @@ export const SCM_MAX_FD = 253;
 export const EAGAIN = 11;
 export const EINTR = 4;
 
-function sockaddrUn(path: string): Buffer {
-  const bytes = Buffer.from(path);
-  // struct sockaddr_un: sa_family_t (u16) + char sun_path[108]
-  if (bytes.length >= 108) throw new SysError(`socket path too long (${path})`, 36 /* ENAMETOOLONG */);
-  const sa = Buffer.alloc(110);
-  sa.writeUInt16LE(AF_UNIX, 0);
-  bytes.copy(sa, 2);
-  return sa;
-}
+const utf8 = new TextEncoder();
+const utf8Decoder = new TextDecoder();
+// struct sockaddr_un: sa_family_t (u16) + char sun_path[108]
+const SUN_PATH = 108;
+const SOCKADDR_UN_SIZE = 2 + SUN_PATH;
 
 /**
  * A sockaddr_un and its length for a path, or for an abstract name written "@name" (as
  * systemd writes NOTIFY_SOCKET): a leading NUL, and the length covers the name only.
+ * Without `abstract`, a leading "@" is part of a path. (TextEncoder and a plain array, not
+ * Buffer: the first use of Buffer sets it up, about 0.3 ms of start-up.)
  */
-export function unixAddress(name: string): { addr: Buffer; len: number } {
-  const abstract = name.startsWith("@");
-  const bytes = Buffer.from(abstract ? name.slice(1) : name);
-  if (bytes.length + 1 > 108) throw new SysError(`socket address too long (${name})`, 36 /* ENAMETOOLONG */);
-  const addr = Buffer.alloc(110);
-  addr.writeUInt16LE(AF_UNIX, 0);
-  bytes.copy(addr, abstract ? 3 : 2);
-  return { addr, len: 2 + 1 + bytes.length };
+export function unixAddress(name: string, abstract = name.startsWith("@")): { addr: Uint8Array; len: number } {
+  const bytes = utf8.encode(abstract ? name.slice(1) : name);
+  // A path needs its terminating NUL inside sun_path; an abstract name, its leading one.
+  if (bytes.length + 1 > SUN_PATH) throw new SysError(`socket address too long (${name})`, 36 /* ENAMETOOLONG */);
+  const addr = new Uint8Array(SOCKADDR_UN_SIZE);
+  new DataView(addr.buffer).setUint16(0, AF_UNIX, true);
+  addr.set(bytes, abstract ? 3 : 2);
+  return { addr, len: abstract ? 2 + 1 + bytes.length : 2 + bytes.length + 1 };
 }
 
 /** getsockopt(2) of an int option at SOL_SOCKET (SO_TYPE, SO_DOMAIN, SO_ACCEPTCONN...). */
@@ -77,14 +75,14 @@ export function socketOption(fd: number, option: number, name: string): number {
  * abstract name, "" when unbound.
  */
 export function unixSocketName(fd: number): string {
-  const sa = Buffer.alloc(110);
-  const len = new Uint32Array([110]);
+  const sa = new Uint8Array(SOCKADDR_UN_SIZE);
+  const len = new Uint32Array([SOCKADDR_UN_SIZE]);
   check("getsockname", libc.getsockname(fd, sa, len));
-  const n = Math.min(len[0]!, 110);
+  const n = Math.min(len[0]!, SOCKADDR_UN_SIZE);
   if (n <= 2) return "";
-  if (sa[2] === 0) return "@" + sa.subarray(3, n).toString();
+  if (sa[2] === 0) return "@" + utf8Decoder.decode(sa.subarray(3, n));
   const end = sa.indexOf(0, 2);
-  return sa.subarray(2, end === -1 || end > n ? n : end).toString();
+  return utf8Decoder.decode(sa.subarray(2, end === -1 || end > n ? n : end));
 }
 
 /**
@@ -109,7 +107,8 @@ export function unixSocket(type: number, nonblocking: boolean): number {
 
 /** bind(2) to a path: creates the socket file (mode: the socket's, less the umask). */
 export function bindUnix(fd: number, path: string): void {
-  check(`bind(${path})`, libc.bind(fd, sockaddrUn(path), 2 + Buffer.byteLength(path) + 1));
+  const { addr, len } = unixAddress(path, false);
+  check(`bind(${path})`, libc.bind(fd, addr, len));
 }
 
 /** bind(2) to a path or an abstract "@name" (unixAddress). */
@@ -130,7 +129,8 @@ export function listen(fd: number, backlog: number): void {
 
 /** connect(2) to a path; on a non-blocking socket a full backlog is EAGAIN (a SysError). */
 export function connectUnix(fd: number, path: string): void {
-  check(`connect(${path})`, libc.connect(fd, sockaddrUn(path), 2 + Buffer.byteLength(path) + 1));
+  const { addr, len } = unixAddress(path, false);
+  check(`connect(${path})`, libc.connect(fd, addr, len));
 }
 
 /** SO_ERROR: the pending error of a socket (a non-blocking connect's outcome), 0 if none. */
