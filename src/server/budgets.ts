@@ -36,23 +36,11 @@ export const DEFAULT_BUDGETS: Budgets = {
 /**
  * The process-wide mapping budget: vm.max_map_count less the runtime's headroom.
  *
- * Read with one small read(2), not readFileSync: a sysctl read makes the kernel allocate
- * and zero a buffer the size of the request (proc_sys_call_handler), and readFileSync asks
- * for 256 KiB twice; that took 1.8-3 ms of start-up (strace -T: 1.78 ms and 1.06 ms for the
- * two reads), where a 32-byte read takes about 10 µs. It also kept node:fs (about 1 ms to
- * load) on the way to a ready socket.
+ * Read in 32 bytes (sys.readSmallFile says why not more).
  */
 export function mappingBudget(): number {
   try {
-    const fd = sys.open("/proc/sys/vm/max_map_count", sys.O_RDONLY);
-    const buf = new Uint8Array(32);
-    let n: number;
-    try {
-      n = sys.read(fd, buf);
-    } finally {
-      sys.close(fd);
-    }
-    const text = new TextDecoder().decode(buf.subarray(0, n)).trim();
+    const text = sys.readSmallFile("/proc/sys/vm/max_map_count", 32).trim();
     const max = /^\d+$/.test(text) ? Number(text) : NaN;
     if (Number.isSafeInteger(max) && max > 2 * MAPPING_HEADROOM) return max - MAPPING_HEADROOM;
   } catch {}

@@ -8,10 +8,9 @@
 // in a compiled binary, so the handler is the address of `abs`, a pure libc function:
 // called as handler(signo), it reads its argument and returns. Nothing else happens;
 // the point is only the EINTR.
-import { readFileSync } from "node:fs";
 import { libc } from "./libc";
 import { check, lastErrno, SysError } from "./error";
-import { cstr } from "./fd";
+import { cstr, readSmallFile } from "./fd";
 import { KVM_RUN } from "./ioctl";
 
 // asm-generic/signal.h (x86_64)
@@ -68,7 +67,7 @@ export function blockSignals(signals: readonly number[]): void {
 
 /** Signals blocked on thread `tid` of this process, from /proc (tests, diagnostics). */
 export function blockedSignals(tid: number): number[] {
-  const status = readFileSync(`/proc/self/task/${tid}/status`, "utf8");
+  const status = readSmallFile(`/proc/self/task/${tid}/status`, 16384);
   const m = /^SigBlk:\s*([0-9a-f]+)$/m.exec(status);
   if (m === null) throw new SysError(`/proc/self/task/${tid}/status: no SigBlk line`, 5 /* EIO */);
   const bits = BigInt("0x" + m[1]);
