@@ -1,16 +1,6 @@
 // /dev/kvm: API version, capabilities, supported CPUID.
 import * as sys from "../sys";
 
-export interface CpuidEntry {
-  function: number;
-  index: number;
-  flags: number;
-  eax: number;
-  ebx: number;
-  ecx: number;
-  edx: number;
-}
-
 export class Kvm {
   readonly fd: number;
 
@@ -40,33 +30,27 @@ export class Kvm {
     return sys.ioctl(this.fd, sys.KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE");
   }
 
-  /** KVM_GET_SUPPORTED_CPUID, as the raw kvm_cpuid2 buffer and as entries. */
-  supportedCpuid(): { raw: Uint8Array; entries: CpuidEntry[] } {
+  /** KVM_GET_SUPPORTED_CPUID: the kvm_cpuid2 buffer, as long as its entries. */
+  supportedCpuid(): Uint8Array {
     const raw = new Uint8Array(8 + sys.CPUID_MAX_ENTRIES * sys.CPUID_ENTRY_SIZE);
     const v = new DataView(raw.buffer);
     v.setUint32(0, sys.CPUID_MAX_ENTRIES, true);
     sys.ioctl(this.fd, sys.KVM_GET_SUPPORTED_CPUID, raw, "KVM_GET_SUPPORTED_CPUID");
-    const n = v.getUint32(0, true);
-    const entries: CpuidEntry[] = [];
-    for (let i = 0; i < n; i++) {
-      const o = 8 + i * sys.CPUID_ENTRY_SIZE;
-      entries.push({
-        function: v.getUint32(o, true),
-        index: v.getUint32(o + 4, true),
-        flags: v.getUint32(o + 8, true),
-        eax: v.getUint32(o + 12, true),
-        ebx: v.getUint32(o + 16, true),
-        ecx: v.getUint32(o + 20, true),
-        edx: v.getUint32(o + 24, true),
-      });
-    }
-    return { raw: raw.subarray(0, 8 + n * sys.CPUID_ENTRY_SIZE), entries };
+    return raw.subarray(0, 8 + v.getUint32(0, true) * sys.CPUID_ENTRY_SIZE);
   }
 
-  /** Guest physical address width: CPUID 0x8000_0008 EAX[7:0], 36 when absent (the architectural default). */
+  /**
+   * Guest physical address width: CPUID 0x8000_0008 EAX[7:0], 36 when absent (the
+   * architectural default). Read in place (struct kvm_cpuid_entry2: function@0, eax@12):
+   * an object per entry made this 0.4 ms of start-up.
+   */
   physAddrBits(): number {
-    const leaf = this.supportedCpuid().entries.find((e) => e.function === 0x8000_0008);
-    return leaf ? leaf.eax & 0xff : 36;
+    const raw = this.supportedCpuid();
+    const v = new DataView(raw.buffer, raw.byteOffset, raw.byteLength);
+    for (let o = 8; o + sys.CPUID_ENTRY_SIZE <= raw.byteLength; o += sys.CPUID_ENTRY_SIZE) {
+      if (v.getUint32(o, true) === 0x8000_0008) return v.getUint32(o + 12, true) & 0xff;
+    }
+    return 36;
   }
 
   createVmFd(): number {

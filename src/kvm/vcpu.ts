@@ -124,7 +124,7 @@ export class Vcpu {
         vmFd: vm.fd,
         vcpuId: 0,
         mmapSize: vm.kvm.vcpuMmapSize(),
-        cpuid: clearCpuidBits(vm.kvm.supportedCpuid().raw.slice(), opts.cpuidClear ?? []),
+        cpuid: clearCpuidBits(vm.kvm.supportedCpuid().slice(), opts.cpuidClear ?? []),
         eventFd: this.eventFd,
         blockSignals: [sys.SIGINT, sys.SIGTERM, sys.SIGHUP, sys.SIGUSR1, sys.SIGUSR2],
         entry,
