@@ -29,7 +29,6 @@ export const libc = dlopen("libc.so.6", {
   eventfd: { args: [u32, i32], returns: i32 },
   timerfd_create: { args: [i32, i32], returns: i32 },
   timerfd_settime: { args: [i32, i32, ptr, ptr], returns: i32 },
-  dup: { args: [i32], returns: i32 },
   getrlimit: { args: [i32, ptr], returns: i32 },
   setrlimit: { args: [i32, ptr], returns: i32 },
   socket: { args: [i32, i32, i32], returns: i32 },
