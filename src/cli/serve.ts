@@ -145,12 +145,18 @@ export async function serve(argv: string[]): Promise<number> {
   if (!["debug", "info", "warn", "error"].includes(level)) throw new UsageError(`--log-level: "${level}" is not debug, info, warn or error`);
   const format = (flag(p, "log-format") ?? "text") as LogFormat;
   if (!["text", "json"].includes(format)) throw new UsageError(`--log-format: "${format}" is not text or json`);
-  const bars = (p.flags.get("pci-bar") ?? []).map((t) => parsePciBarSize(t, "--pci-bar"));
-  const uids = (name: string) =>
-    (p.flags.get(name) ?? []).map((t) => {
+  // Loops, not .map(): the first Array.prototype.map in a process is compiled then, about
+  // 0.2 ms of every start (measured in a compiled binary), and before ready nothing else uses it.
+  const bars: ReturnType<typeof parsePciBarSize>[] = [];
+  for (const t of p.flags.get("pci-bar") ?? []) bars.push(parsePciBarSize(t, "--pci-bar"));
+  const uids = (name: string) => {
+    const out: number[] = [];
+    for (const t of p.flags.get(name) ?? []) {
       if (!/^\d+$/.test(t)) throw new UsageError(`--${name}: "${t}" is not a numeric uid`);
-      return Number(t);
-    });
+      out.push(Number(t));
+    }
+    return out;
+  };
   const allowUids = uids("allow-uid");
   const shareGuestMemoryWith = uids("share-guest-memory-with");
   const count = (name: string, dflt: number) => {
