@@ -442,8 +442,7 @@ export function encodeResponseInPlace(resp: Response, enc: Encoding): { readonly
  * to attach, in index order. The descriptors stay the caller's: sending duplicates them.
  */
 export function encodeResponsePacket(resp: Response, enc: Encoding): Packet {
-  const w = encodeWith(VmMemoryResponse, resp, enc);
-  return { body: w.out.buf.slice(0, w.out.pos), fds: w.fds.slice() };
+  return packetOf(encodeWith(VmMemoryResponse, resp, enc));
 }
 
 /** A message ready for the wire: its body and the descriptors to attach, in index order. */
@@ -452,16 +451,19 @@ export interface Packet {
   fds: number[];
 }
 
+/** What a writer holds, copied out as a packet of its own. */
+function packetOf(w: WireWriter): Packet {
+  return { body: w.out.buf.slice(0, w.out.pos), fds: w.fds.slice() };
+}
+
 /** Client side: a request whose descriptor fields hold real descriptors, as a packet. */
 export function encodeRequest(req: Request, enc: Encoding = MSGPACK): Packet {
-  const w = encodeWith(VmMemoryRequest, req, enc);
-  return { body: w.out.buf.slice(0, w.out.pos), fds: w.fds.slice() };
+  return packetOf(encodeWith(VmMemoryRequest, req, enc));
 }
 
 /** Client side: one MmapAndRegisterMemory follow-up packet. */
 export function encodeFileMappings(chunk: VmMemoryFileMapping[], enc: Encoding = MSGPACK): Packet {
-  const w = encodeWith(FileMappingChunk, chunk, enc);
-  return { body: w.out.buf.slice(0, w.out.pos), fds: w.fds.slice() };
+  return packetOf(encodeWith(FileMappingChunk, chunk, enc));
 }
 
 /** Whether a decode result is a refusal rather than a message. */

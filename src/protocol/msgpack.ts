@@ -274,6 +274,11 @@ export class MsgpackReader extends PacketCursor implements WireReader {
   }
 }
 
+/** Bytes of a str header for `n` bytes: fixstr, str 8, str 16 or str 32. */
+function strHeadLength(n: number): number {
+  return n < 32 ? 1 : n < 0x100 ? 2 : n < 0x10000 ? 3 : 5;
+}
+
 export class MsgpackWriter implements WireWriter {
   readonly encoding = MSGPACK;
   readonly fds: number[] = [];
@@ -337,9 +342,10 @@ export class MsgpackWriter implements WireWriter {
   }
 
   private strHead(n: number): void {
-    if (n < 32) this.out.byte(0xa0 + n);
-    else if (n < 0x100) this.head(0xd9, n, 1);
-    else if (n < 0x10000) this.head(0xda, n, 2);
+    const len = strHeadLength(n);
+    if (len === 1) this.out.byte(0xa0 + n);
+    else if (len === 2) this.head(0xd9, n, 1);
+    else if (len === 3) this.head(0xda, n, 2);
     else this.head(0xdb, n, 4);
   }
 
@@ -351,7 +357,7 @@ export class MsgpackWriter implements WireWriter {
     // way. (A new TextEncoder and array per string made an Err cost more than an Ok.)
     const n = s.length;
     const o = this.out;
-    const head = n < 32 ? 1 : n < 0x100 ? 2 : n < 0x10000 ? 3 : 5;
+    const head = strHeadLength(n);
     o.room(head + 3 * n);
     const b = o.buf;
     const at = o.pos + head;
