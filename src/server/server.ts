@@ -241,13 +241,13 @@ export class Server {
 
   /**
    * Reads and answers what the connection has ready, for one turn (TURN_MS): packets come
-   * in batches (one recvmmsg) while they are cheap, their responses leave in one sendmmsg
-   * per batch. epoll is level-triggered, so what is left is read on the next turn.
+   * in batches (one recvmmsg) while they are cheap, their responses leave in one send per
+   * batch. epoll is level-triggered, so what is left is read on the next turn.
    */
   private readAll(conn: Connection, events: number): void {
     const turnStart = performance.now();
     // One packet per read until a second one has come in this wake-up: a client waiting on
-    // each answer sends one at a time, and recvmmsg for more tries the empty queue once
+    // each answer sends one at a time, and a read for more tries the empty queue once
     // more before it returns (about 1 µs of a 50 µs register cycle). Two in a row mean a
     // client that pipelines: from then on, batches, while a batch fits in a turn.
     let batch = 1;
@@ -293,7 +293,7 @@ export class Server {
       // Batches only while a whole one would fit in what is left of the turn.
       batch = reads >= 2 && ((now - roundStart) / n) * RECV_BATCH < TURN_MS ? RECV_BATCH : 1;
       // Loop until EAGAIN even after a short batch: a client woken by our responses often
-      // has its next request queued by the time sendmmsg returns (one CPU, or pipelining).
+      // has its next request queued by the time the send returns (one CPU, or pipelining).
     }
   }
 

@@ -1,5 +1,6 @@
 // recvmmsg/sendmmsg: the server reads every ready packet of a connection and sends
-// every response of a wake-up in one system call each.
+// every response of a wake-up in one system call each. A batch of one goes with
+// recvmsg/sendto, which the kernel does for less.
 import { ptr, type Pointer } from "bun:ffi";
 import { libc } from "./libc";
 import { lastErrno, SysError } from "./error";
@@ -19,7 +20,7 @@ export class BatchReceiver {
   private readonly hdrsPtr: Pointer;
   private readonly iovs: BigUint64Array;
   private readonly slot: number;
-  /** Headers the last recvmmsg filled. */
+  /** Headers the last recv filled. */
   private filled = 0;
 
   constructor(
@@ -58,6 +59,7 @@ export class BatchReceiver {
       this.hdrs.setInt32(i * MMSG + 48, 0, true);
     }
     this.filled = 0;
+    if (n === 1) return this.recvOne(fd);
     const got = libc.recvmmsg(fd, this.hdrsPtr, n, MSG_CMSG_CLOEXEC | MSG_DONTWAIT, null);
     if (got === -1) {
       const errno = lastErrno();
@@ -66,6 +68,24 @@ export class BatchReceiver {
     }
     this.filled = got;
     return got;
+  }
+
+  /**
+   * One packet into the first header, with recvmsg: the kernel's recvmmsg costs 30-50 ns
+   * more per packet than recvmsg (C, a SEQPACKET socketpair, 300k packets), and a peer that
+   * waits on each answer sends one at a time. The first mmsghdr starts with its msghdr;
+   * msg_len, which recvmmsg would write, is written here.
+   */
+  private recvOne(fd: number): number {
+    const got = libc.recvmsg(fd, this.hdrsPtr, MSG_CMSG_CLOEXEC | MSG_DONTWAIT) as number;
+    if (got === -1) {
+      const errno = lastErrno();
+      if (errno === EAGAIN || errno === EINTR) return -1;
+      throw new SysError("recvmsg", errno);
+    }
+    this.hdrs.setUint32(56, got, true);
+    this.filled = 1;
+    return 1;
   }
 
   length(i: number): number {
@@ -154,6 +174,7 @@ export class BatchSender {
   /** Sends the queued packets in order: how many went (possibly 0 when the socket is full). */
   send(fd: number): number {
     if (this.count === 0) return 0;
+    if (this.count === 1) return this.sendOne(fd);
     const sent = libc.sendmmsg(fd, this.hdrsPtr, this.count, MSG_DONTWAIT | MSG_NOSIGNAL);
     if (sent === -1) {
       const errno = lastErrno();
@@ -161,6 +182,17 @@ export class BatchSender {
       throw new SysError("sendmmsg", errno);
     }
     return sent;
+  }
+
+  /** One packet with sendto: 70-80 ns cheaper in the kernel than a sendmmsg of one (measured as recvOne). */
+  private sendOne(fd: number): number {
+    const sent = libc.sendto(fd, this.arenaAddr + this.starts[0]!, this.lengths[0]!, MSG_DONTWAIT | MSG_NOSIGNAL, null, 0) as number;
+    if (sent === -1) {
+      const errno = lastErrno();
+      if (errno === EAGAIN) return 0;
+      throw new SysError("sendto", errno);
+    }
+    return 1;
   }
 
   clear(): void {
