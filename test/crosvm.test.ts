@@ -415,6 +415,7 @@ describe("MmapAndRegisterMemory with 300 file mappings, as VmMemoryClient sends 
     });
     const mappings: VmMemoryFileMapping[] = files.map((f, i) => ({ file: fd(f), length: lengths[i]!, mem_offset: i * PAGE, file_offset: 0 }));
     const at = dev(5);
+    await server.settle(); // the previous test's connection may not be closed yet
     const before = server.fdCount();
     const chunks: number[] = [];
     const r = jsonMmapAndRegister(t, { MmapAndRegisterMemory: { shm: { descriptor: fd(shm), size: n * PAGE }, dest: { GuestPhysicalAddress: at }, num_file_mappings: n } }, mappings, (k) => {

@@ -67,6 +67,7 @@ describe("every request variant over the wire", () => {
     const pages = 300;
     const shm = memfd(pages * 4096);
     const files = Array.from({ length: pages }, (_, i) => memfd(4096, () => i & 0xff));
+    await server.settle(); // the previous test's connection may not be closed yet
     const before = server.fdCount();
     const r = client.mmapAndRegisterMemory(
       { descriptor: shm, size: pages * 4096 },

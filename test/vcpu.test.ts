@@ -295,7 +295,8 @@ describe("vCPU runner (boot contract, real KVM)", () => {
     await h.registerMailbox();
     h.post([{ op: Op.hlt }]);
     await h.until(() => h.vcpu.summary().state === "halted", "state halted");
-    expect(h.messages.find((m) => m.msg === "vcpu halted")).toBeDefined();
+    // The record travels by postMessage, after the shared state word: wait for it, do not race it.
+    await h.until(() => h.messages.some((m) => m.msg === "vcpu halted"), "the halted record");
     const exits = h.vcpu.summary().exits;
     await Bun.sleep(30);
     expect(h.vcpu.summary().exits).toBe(exits); // not re-entered
